@@ -1,0 +1,32 @@
+"""Shared plumbing of the top-level scripts: config flags, logging, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from fedhubert.config import Config, add_config_arguments, load_config
+from fedhubert.errors import FedHubertError
+
+
+def parser_with_config(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Runs a script's ``main``; a FedHubertError becomes ``error: <message>`` and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        main()
+    except FedHubertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,318 @@
+"""Every config key, defined once: a typed dataclass field with its default, a one-line meaning and
+its valid range. YAML files and ``--set section.key=value`` overrides are validated against it.
+
+A YAML file may start with ``extends: other.yaml`` (relative to itself) to take another file as its
+base; its own keys then override the base's, section by section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedhubert.errors import ConfigError
+
+# The model's frame geometry, fixed by the CNN feature encoder (receptive field 400 samples, stride
+# 320 = 20 ms at 16 kHz). MFCC frames use the same window and hop so that label i describes frame i.
+FRAME_LENGTH = 400
+FRAME_STRIDE = 320
+# fairseq dictionaries start with <s>, <pad>, </s>, <unk>: cluster id c is target c + 4.
+NUM_SPECIAL_SYMBOLS = 4
+
+
+def knob(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+         choices: tuple | None = None) -> Any:
+    """A config field: its default, its one-line meaning and its valid range or choices."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def num_frames(num_samples: int) -> int:
+    """Frames the model (and the MFCC front end) produce for ``num_samples`` samples of audio."""
+    return max(0, (num_samples - FRAME_LENGTH) // FRAME_STRIDE + 1)
+
+
+@dataclass
+class DataConfig:
+    librispeech_root: str = knob("corpus/LibriSpeech", "LibriSpeech root in the released layout (holds SPEAKERS.TXT)")
+    subsets: list[str] = knob([], "subset folders to scan, e.g. [train-clean-100]; empty = every subset under the root")
+    partitions_dir: str = knob("data/partitions", "where partition_data.py writes manifests and client folders")
+    sample_rate: int = knob(16000, "model sample rate in Hz; other rates are resampled on load", low=8000, high=48000)
+    max_audio_length: int = knob(40000, "training crop length in samples (40000 = 2.5 s at 16 kHz)", low=FRAME_LENGTH)
+    min_audio_length: int = knob(FRAME_LENGTH, "shorter utterances are rejected (need at least one frame)", low=FRAME_LENGTH)
+    mask_length: int = knob(10, "frames per masked span", low=1)
+    mask_prob: float = knob(0.08, "per-frame chance of starting a masked span (HuBERT paper's p; fairseq's mask_prob = p * mask_length)", low=0.0, high=1.0)
+    scan_workers: int = knob(8, "threads reading audio headers while building the manifest", low=1, high=256)
+
+
+@dataclass
+class PartitionConfig:
+    method: str = knob("speaker_based", "how utterances go to clients", choices=("speaker_based", "iid", "dirichlet"))
+    num_clients: int = knob(3, "number of federated clients", low=1)
+    valid_fraction: float = knob(0.1, "share of each client's utterances held out for validation", low=0.0, high=0.9)
+    dirichlet_alpha: float = knob(0.5, "Dirichlet concentration for method=dirichlet (small = more skew)", low=1e-6)
+
+
+@dataclass
+class KMeansConfig:
+    n_clusters: int = knob(500, "clusters per client (upper bound; see min_frames_per_cluster)", low=2)
+    min_frames_per_cluster: int = knob(20, "a client fits min(n_clusters, train_frames // this) clusters", low=1)
+    n_mfcc: int = knob(13, "MFCC coefficients", low=1, high=40)
+    n_mels: int = knob(40, "mel filterbank channels behind the MFCC", low=1, high=128)
+    use_deltas: bool = knob(True, "append delta and delta-delta MFCC (39 dims, as HuBERT's first iteration)")
+    batch_size: int = knob(10000, "frames per MiniBatchKMeans partial_fit step", low=1)
+    fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = knob(768, "transformer width", low=8)
+    num_hidden_layers: int = knob(12, "transformer layers", low=1)
+    num_attention_heads: int = knob(12, "attention heads (must divide hidden_size)", low=1)
+    intermediate_size: int = knob(3072, "feed-forward width", low=1)
+    conv_dim: int = knob(512, "channels of the 7-layer CNN feature encoder", low=1)
+    hidden_dropout: float = knob(0.1, "dropout after attention and feed-forward blocks", low=0.0, high=1.0)
+    attention_dropout: float = knob(0.1, "dropout on attention weights", low=0.0, high=1.0)
+    activation_dropout: float = knob(0.0, "dropout inside the feed-forward block", low=0.0, high=1.0)
+    feat_proj_dropout: float = knob(0.1, "dropout on projected CNN features (fairseq dropout_input)", low=0.0, high=1.0)
+    dropout_features: float = knob(0.1, "dropout on CNN features before the projection", low=0.0, high=1.0)
+    layerdrop: float = knob(0.05, "probability of skipping a transformer layer in training", low=0.0, high=1.0)
+    vocab_size: int = knob(504, "target symbols: clusters + fairseq's 4 special symbols", low=NUM_SPECIAL_SYMBOLS + 2)
+    final_dim: int = knob(256, "dimension of final_proj and the label embeddings", low=1)
+    logit_temp: float = knob(0.1, "temperature of the cosine-similarity logits", low=1e-6)
+    layer_norm_first: bool = knob(False, "pre-norm transformer (Large/X-Large) instead of post-norm (Base)")
+    feature_grad_mult: float = knob(0.1, "gradient scale into the CNN feature encoder", low=0.0, high=1.0)
+    conv_pos: int = knob(128, "kernel of the convolutional positional embedding", low=2)
+    conv_pos_groups: int = knob(16, "groups of the convolutional positional embedding", low=1)
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int | str = knob(8, "utterance crops per step, or 'auto' (largest that fits memory)", low=1, choices=("auto",))
+    local_epochs: int = knob(1, "passes over the client's train split per round", low=1)
+    max_local_steps: int = knob(0, "cap on optimizer steps per round (0 = no cap)", low=0)
+    learning_rate: float = knob(5e-4, "client AdamW peak learning rate (FedAdam's eta_l)", low=0.0)
+    weight_decay: float = knob(0.01, "AdamW weight decay", low=0.0)
+    warmup_steps: int = knob(0, "linear warm-up steps of the client learning rate, each round", low=0)
+    grad_clip_norm: float = knob(10.0, "gradient norm clip (0 = off)", low=0.0)
+    precision: str = knob("fp32", "autocast precision", choices=("fp32", "bf16", "fp16"))
+    gradient_checkpointing: bool = knob(False, "recompute transformer activations in backward to save memory")
+    pred_masked_weight: float = knob(1.0, "loss weight of masked frames", low=0.0)
+    pred_nomask_weight: float = knob(0.0, "loss weight of unmasked frames", low=0.0)
+    feature_pen_weight: float = knob(10.0, "weight of the CNN feature L2 penalty", low=0.0)
+    device: str = knob("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
+    memory_budget_gb: float = knob(0.0, "memory for batch_size=auto (0 = half the free RAM / GPU memory)", low=0.0)
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = knob(2, "federated rounds", low=1)
+    fraction_fit: float = knob(1.0, "share of clients sampled for training each round", low=0.0, high=1.0)
+    fraction_evaluate: float = knob(1.0, "share of clients sampled for evaluation each round", low=0.0, high=1.0)
+    min_fit_clients: int = knob(2, "fewest clients that must train (and succeed) for a round", low=1)
+    min_evaluate_clients: int = knob(2, "fewest clients sampled for evaluation", low=1)
+    min_available_clients: int = knob(2, "fewest connected clients before a round starts", low=1)
+    eta: float = knob(1e-3, "FedAdam server learning rate", low=0.0)
+    beta_1: float = knob(0.9, "FedAdam first-moment decay", low=0.0, high=1.0)
+    beta_2: float = knob(0.99, "FedAdam second-moment decay", low=0.0, high=1.0)
+    tau: float = knob(1e-9, "FedAdam adaptivity (epsilon)", low=0.0)
+    round_timeout: float = knob(3600.0, "seconds to wait for client replies in a round", low=1.0)
+    client_num_cpus: float = knob(1.0, "CPU cores reserved per simulated client", low=0.0)
+    client_num_gpus: float = knob(0.0, "GPUs reserved per simulated client (fractions share one)", low=0.0)
+    wire_dtype: str = knob("float32", "dtype of weights on the wire", choices=("float32", "float16", "bfloat16"))
+    checkpoint_dir: str = knob("checkpoints/pretraining", "server/ and clients/ checkpoints, metrics and plots")
+    keep_last_checkpoints: int = knob(3, "round_<r>.pt files kept", low=1)
+
+
+@dataclass
+class Config:
+    seed: int = knob(42, "seed of partitioning, k-means, initialisation and training", low=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def validate(self) -> "Config":
+        """Checks that span keys (a single field's range is checked while loading)."""
+        m, f = self.model, self.federation
+        if m.hidden_size % m.num_attention_heads:
+            raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})")
+        if m.vocab_size < self.kmeans.n_clusters + NUM_SPECIAL_SYMBOLS:
+            raise ConfigError(f"model.vocab_size ({m.vocab_size}) must be at least kmeans.n_clusters + 4 "
+                              f"({self.kmeans.n_clusters + NUM_SPECIAL_SYMBOLS})")
+        if m.hidden_size % m.conv_pos_groups:
+            raise ConfigError(f"model.conv_pos_groups ({m.conv_pos_groups}) must divide model.hidden_size ({m.hidden_size})")
+        for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+            if getattr(f, key) > self.partition.num_clients:
+                raise ConfigError(f"federation.{key} ({getattr(f, key)}) exceeds partition.num_clients "
+                                  f"({self.partition.num_clients})")
+        if self.data.min_audio_length > self.data.max_audio_length:
+            raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML- and torch.load(weights_only=True)-safe)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Returns ``value`` as type ``tp`` or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option, meta)
+            except ConfigError:
+                continue
+        allowed = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"config key '{key}' must be {allowed}"
+                          + (f" (strings: {', '.join(meta['choices'])})" if meta.get("choices") else "")
+                          + f", got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
+        return value
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"config key '{key}' must be in {bounds}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
+    """Sets the fields of dataclass ``obj`` from ``values``, validating every key."""
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"unknown config key '{key}' in {source}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' in {source} must be a mapping, got {value!r}")
+            _apply(getattr(obj, name), value, f"{key}.", source)
+        else:
+            setattr(obj, name, _coerce(key, value, tp, dict(known[name].metadata)))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The mappings of ``path`` and of the files it extends, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path} extends itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = doc.pop("extends", None)
+    layers = _read_yaml(path.parent / base, seen + (path,)) if base else []
+    return layers + [(doc, str(path))]
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` (value read as YAML) → nested dict."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = value
+    for part in reversed(dotted.strip().split(".")):
+        if not part:
+            raise ConfigError(f"--set {text!r}: empty key name")
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (and its bases), then ``--set`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        for doc, source in _read_yaml(Path(path)):
+            _apply(cfg, doc, "", source)
+    for text in overrides:
+        _apply(cfg, parse_override(text), "", f"--set {text}")
+    return cfg.validate()
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuilds a Config saved with ``Config.to_dict`` (e.g. from a checkpoint), validated."""
+    cfg = Config()
+    _apply(cfg, values, "", "saved config")
+    return cfg.validate()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--config`` and repeatable ``--set`` flags every script takes."""
+    parser.add_argument("--config", default="configs/pretraining_config.yaml",
+                        help="YAML config file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable, e.g. --set partition.num_clients=3")
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, meaning) of every key, for the README and ``--help-config``."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((prefix + f.name, str(hints[f.name]).replace("typing.", ""), default, f.metadata["help"]))
+
+    walk(Config, "")
+    return rows

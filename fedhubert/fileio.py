@@ -1,0 +1,37 @@
+"""Atomic writes: every output is written to a temporary file beside its target, then renamed, so a
+crash or an error never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path in the target's folder; renames it onto ``target`` on success only."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """``open`` for writing whose result appears under ``target`` only once the block succeeds."""
+    with atomic_path(target) as tmp, open(tmp, mode) as handle:
+        yield handle
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_open(target) as handle:
+        handle.write(text)

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Set up (once) and run the whole test suite. Extra arguments go to pytest, e.g. ./run_tests.sh -k config
+source "$(dirname "$0")/scripts/setup_env.sh"
+exec python -m pytest -q "$@" tests
