@@ -25,6 +25,7 @@ def run_main(main: Callable[[], object]) -> None:
     """Runs a script's ``main``; a FedHubertError becomes ``error: <message>`` and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; don't print twice
     try:
         main()
     except FedHubertError as exc:

@@ -172,7 +172,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------------
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
@@ -312,7 +312,7 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
                 walk(hints[f.name], f"{prefix}{f.name}.")
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                rows.append((prefix + f.name, str(hints[f.name]).replace("typing.", ""), default, f.metadata["help"]))
+                rows.append((prefix + f.name, _type_name(hints[f.name]), default, f.metadata["help"]))
 
     walk(Config, "")
     return rows

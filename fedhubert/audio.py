@@ -1,0 +1,79 @@
+"""Audio in one place: soundfile reads, mono mix, torchaudio resampling, and the exact length a
+resampled file will have (so manifests can list it from the header alone, without decoding).
+
+torchaudio >= 2.9 has no ``torchaudio.load``; soundfile reads every format libsndfile knows (FLAC,
+WAV, OGG, ...). Every module loads audio through :func:`load_audio`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import soundfile as sf
+import torch
+import torchaudio
+
+from fedhubert.errors import DataError
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says."""
+    sample_rate: int
+    num_frames: int  # samples per channel at ``sample_rate``
+    channels: int
+
+
+def probe_audio(path: str | os.PathLike) -> AudioInfo:
+    """Reads only the header of ``path``; an unreadable or corrupt file raises DataError."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise DataError(f"{path}: not readable audio ({_short(exc)})") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise DataError(f"{path}: header has sample rate {info.samplerate}, {info.channels} channels")
+    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
+
+
+def resampled_length(num_frames: int, orig_rate: int, new_rate: int) -> int:
+    """Length of ``torchaudio.functional.resample`` output for ``num_frames`` input samples.
+
+    torchaudio keeps ``ceil(new * n / orig)`` samples (rates divided by their gcd), evaluated as a
+    default-dtype tensor; we evaluate it the same way so the count matches bit for bit (a float64 or
+    exact-integer ceil can differ by one sample for long files at e.g. 44.1 kHz)."""
+    if orig_rate == new_rate:
+        return int(num_frames)
+    g = math.gcd(int(orig_rate), int(new_rate))  # Python ints: a numpy scalar would make a float64 tensor
+    orig, new = int(orig_rate) // g, int(new_rate) // g
+    return int(torch.ceil(torch.as_tensor(new * int(num_frames) / orig)).long())
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform ``[L]`` of ``path`` at ``sample_rate`` (channels averaged, resampled)."""
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise DataError(f"{path}: cannot decode audio ({_short(exc)})") from None
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: audio is empty (0 samples)")
+    wav = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+    if rate != sample_rate:
+        wav = _resampler(int(rate), int(sample_rate))(wav)
+    return wav.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    """torchaudio.functional.resample with its sinc kernel built once per rate pair (building it
+    costs more than resampling a whole utterance, e.g. 0.2 s for 22.05 -> 16 kHz). A float32 kernel,
+    as the functional form builds for float32 input, gives bit-identical output."""
+    return torchaudio.transforms.Resample(orig_rate, new_rate, dtype=torch.float32)
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception message (libsndfile's are long and multi-line)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

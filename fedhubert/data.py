@@ -1,0 +1,234 @@
+"""A client's training data: fairseq manifests (``<split>.tsv``) and frame labels (``<split>.km``)
+turned into padded batches whose labels stay aligned with the model's 20 ms frames.
+
+Alignment rule: a crop starts at a multiple of FRAME_STRIDE (320 samples), so the crop's frame j is
+the utterance's frame ``offset // 320 + j`` and its labels are a plain slice of the utterance's labels.
+
+Reproducibility: every random choice (crop offsets, shuffling) comes from ``derive_seed(seed, epoch,
+index)`` - never from a global RNG - so a resumed run that rebuilds its loader with the same seed
+sees the same crops in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fedhubert.audio import load_audio
+from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, num_frames
+from fedhubert.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # target id of frames that carry no label (padding); ignored by the loss
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 31-bit seed from several ints/strings, e.g. ``derive_seed(cfg.seed, round, client_id)``.
+
+    Distinct part tuples give independent streams (numpy's SeedSequence hashing), unlike ``a + b``."""
+    words = [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
+    if any(w < 0 for w in words):
+        raise ValueError(f"derive_seed needs non-negative ints, got {parts!r}")
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a split
+# ---------------------------------------------------------------------------------------------------
+
+def read_manifest(tsv: Path) -> tuple[Path, list[str], list[int]]:
+    """(audio root, relative paths, num_samples) of a fairseq ``.tsv`` manifest."""
+    if not tsv.is_file():
+        raise DataError(f"manifest not found: {tsv}")
+    lines = tsv.read_text().splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{tsv}: line 1 must hold the audio root directory")
+    root, paths, sizes = Path(lines[0].strip()), [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[1].strip().isdigit():
+            raise DataError(f"{tsv}:{lineno}: expected 'relative/path<TAB>num_samples', got {line!r}")
+        size = int(fields[1])
+        if size < FRAME_LENGTH:
+            raise DataError(f"{tsv}:{lineno}: {size} samples is shorter than one frame ({FRAME_LENGTH})")
+        paths.append(fields[0])
+        sizes.append(size)
+    return root, paths, sizes
+
+
+def read_labels(km: Path, sizes: list[int], num_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of a ``.km`` file as one flat int16 array plus per-utterance start offsets.
+
+    Checks one line per manifest entry, ``num_frames(num_samples)`` ids per line and ids in
+    ``[0, num_clusters)``; every failure names the file and line."""
+    if not km.is_file():
+        raise DataError(f"label file not found: {km}")
+    lines = [line for line in km.read_text().splitlines() if line.strip()]
+    if len(lines) != len(sizes):
+        raise DataError(f"{km}: {len(lines)} label lines but the manifest lists {len(sizes)} utterances")
+    counts = np.array([num_frames(n) for n in sizes], dtype=np.int64)
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    flat = np.empty(int(starts[-1]), dtype=np.int16 if num_clusters <= 2**15 else np.int32)
+    for i, line in enumerate(lines):
+        try:
+            ids = np.array(line.split(), dtype=np.int64)
+        except ValueError:
+            raise DataError(f"{km}:{i + 1}: labels must be integers") from None
+        if len(ids) != counts[i]:
+            raise DataError(f"{km}:{i + 1}: {len(ids)} labels, expected num_frames({sizes[i]}) = {counts[i]}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= num_clusters):
+            raise DataError(f"{km}:{i + 1}: cluster id out of range [0, {num_clusters}) "
+                            f"(model.vocab_size {num_clusters + NUM_SPECIAL_SYMBOLS})")
+        flat[starts[i]:starts[i + 1]] = ids
+    return flat, starts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset, sampler and collate
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    """One crop: its audio, its cluster ids (one per frame) and where it came from."""
+    waveform: torch.Tensor  # [L] float32
+    labels: torch.Tensor    # [num_frames(L)] long cluster ids
+    index: int
+    offset: int             # first sample of the crop inside the utterance (a multiple of 320)
+
+
+class ClientDataset(Dataset):
+    """The crops of one client split. Index with ``i`` (epoch 0) or ``(i, epoch)`` (what the sampler
+    yields): training crops are random but a pure function of (seed, epoch, i)."""
+
+    def __init__(self, client_dir: str | Path, split: str, cfg: Config, train: bool, *, seed: int = 0):
+        self.client_dir = Path(client_dir)
+        self.tsv, self.km = self.client_dir / f"{split}.tsv", self.client_dir / f"{split}.km"
+        self.root, self.paths, self.sizes = read_manifest(self.tsv)
+        num_clusters = cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS
+        self.labels, self.label_starts = read_labels(self.km, self.sizes, num_clusters)
+        self.sample_rate = cfg.data.sample_rate
+        self.crop = cfg.data.max_audio_length
+        self.train, self.seed = train, seed
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def crop_offset(self, index: int, epoch: int = 0) -> int:
+        """First sample of the crop: 0 for validation or short utterances, else a random multiple
+        of 320 drawn from (seed, epoch, index)."""
+        spare_strides = (self.sizes[index] - self.crop) // FRAME_STRIDE
+        if not self.train or spare_strides <= 0:
+            return 0
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, index))
+        return int(rng.integers(0, spare_strides + 1)) * FRAME_STRIDE
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Item:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        size = self.sizes[index]
+        path = self.root / self.paths[index]
+        wav = load_audio(path, self.sample_rate)  # decoded once; cropped below
+        if wav.shape[-1] != size:
+            raise DataError(f"{path}: decoded {wav.shape[-1]} samples at {self.sample_rate} Hz but "
+                            f"{self.tsv} lists {size}; the .tsv/.km files are stale, rebuild them")
+        offset = self.crop_offset(index, epoch)
+        length = min(size, self.crop)
+        first = self.label_starts[index] + offset // FRAME_STRIDE
+        labels = self.labels[first:first + num_frames(length)]
+        # clone: the crop must not keep the whole decoded utterance alive
+        return Item(wav[offset:offset + length].clone(), torch.from_numpy(labels.astype(np.int64)),
+                    index, offset)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` keys; each pass over it is the next epoch (or ``set_epoch``).
+
+    Passing the epoch with the index (not via a dataset attribute) keeps crops right even when
+    DataLoader workers hold their own copy of the dataset."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "shuffle"))
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(i, epoch) for i in order])
+
+
+@dataclass
+class Batch:
+    """A padded batch, ready for ``model.pretraining_step``."""
+    waveforms: torch.Tensor     # [B, Lmax] float32, zero-padded
+    padding_mask: torch.Tensor  # [B, Lmax] bool, True = padding
+    target_ids: torch.Tensor    # [B, num_frames(Lmax)] long: cluster id + 4, IGNORE_INDEX past an utterance
+    num_samples: list[int]      # real (unpadded) length of each crop
+    indices: list[int]          # dataset index of each crop
+    offsets: list[int]          # crop start inside its utterance
+
+    def __len__(self) -> int:
+        return len(self.num_samples)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        non_blocking = torch.device(device).type == "cuda"
+        return Batch(self.waveforms.to(device, non_blocking=non_blocking),
+                     self.padding_mask.to(device, non_blocking=non_blocking),
+                     self.target_ids.to(device, non_blocking=non_blocking),
+                     self.num_samples, self.indices, self.offsets)
+
+
+def collate(items: list[Item]) -> Batch:
+    """Zero-pads crops to the longest; frames past a crop's own frames get IGNORE_INDEX."""
+    lengths = [it.waveform.shape[0] for it in items]
+    longest = max(lengths)
+    waveforms = torch.zeros(len(items), longest, dtype=torch.float32)
+    padding_mask = torch.ones(len(items), longest, dtype=torch.bool)
+    target_ids = torch.full((len(items), num_frames(longest)), IGNORE_INDEX, dtype=torch.long)
+    for b, (it, n) in enumerate(zip(items, lengths)):
+        waveforms[b, :n] = it.waveform
+        padding_mask[b, :n] = False
+        target_ids[b, :len(it.labels)] = it.labels + NUM_SPECIAL_SYMBOLS
+    return Batch(waveforms, padding_mask, target_ids, lengths, [it.index for it in items],
+                 [it.offset for it in items])
+
+
+def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> Batch:
+    """Full-length random crops with random targets: the largest batch training can see (used to
+    probe memory for batch_size=auto)."""
+    gen = torch.Generator().manual_seed(seed)
+    length, clusters = cfg.data.max_audio_length, cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS
+    return collate([Item(0.1 * torch.randn(length, generator=gen),
+                         torch.randint(0, clusters, (num_frames(length),), generator=gen), i, 0)
+                    for i in range(batch_size)])
+
+
+def make_loader(client_dir: str | Path, split: str, cfg: Config, *, batch_size: int, seed: int,
+                train: bool, num_workers: int = 0) -> DataLoader:
+    """Batches of one client split. ``train`` shuffles and crops at random (from ``seed``); otherwise
+    the order is fixed and crops start at 0. The last, smaller batch is kept."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1 for {client_dir}/{split}, got {batch_size}")
+    dataset = ClientDataset(client_dir, split, cfg, train, seed=seed)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train)
+    log.debug("%s/%s: %d utterances, batch size %d", client_dir, split, len(dataset), batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, drop_last=False, pin_memory=False)

@@ -1,0 +1,94 @@
+"""Per-round metrics of a federated run: JSON lines, TensorBoard scalars, PNG curves, console lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from fedhubert.fileio import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CURVES = (("loss", "loss"), ("masked_accuracy", "masked accuracy"), ("perplexity", "perplexity"))
+
+
+class RunMetrics:
+    """Keeps the run's history (one dict per round; round 0 = the initial model) and writes it out.
+
+    The history is also stored in every checkpoint, so a resumed run rewrites the same files."""
+
+    def __init__(self, out_dir: Path, history: list[dict[str, Any]] | None = None) -> None:
+        self.out_dir = out_dir
+        self.history: list[dict[str, Any]] = list(history or [])
+        self._writer = None
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter  # imported late: only the server writes it
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        return self._writer
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Appends one round's record, rewrites metrics.jsonl atomically, logs scalars."""
+        self.history.append(record)
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        writer = self._tensorboard()
+        for split in ("train", "val"):
+            for key, value in record.get(split, {}).items():
+                writer.add_scalar(f"{split}/{key}", value, record["round"])
+        for key in ("round_time_s", "bytes_total", "clients_succeeded", "clients_failed"):
+            if key in record:
+                writer.add_scalar(f"round/{key}", record[key], record["round"])
+        writer.flush()
+        log.info(progress_line(record))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def plot(self) -> Path:
+        """curves.png: train and validation curves over rounds."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+        for ax, (key, title) in zip(axes, CURVES):
+            for split, style in (("train", "o-"), ("val", "s--")):
+                points = [(r["round"], r[split][key]) for r in self.history if key in r.get(split, {})]
+                if points:
+                    ax.plot(*zip(*points), style, label=split)
+            ax.set_title(title)
+            ax.set_xlabel("round")
+            ax.legend()
+        fig.tight_layout()
+        target = self.out_dir / "curves.png"
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        return target
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    """The one console line per round."""
+    train, val = record.get("train", {}), record.get("val", {})
+    parts = [f"round {record['round']}"]
+    if train:
+        parts.append(f"train loss {_fmt(train.get('loss'))} acc {_fmt(train.get('masked_accuracy'))}")
+    if val:
+        parts.append(f"val loss {_fmt(val.get('loss'))} acc {_fmt(val.get('masked_accuracy'))}")
+    if "clients_sampled" in record:
+        parts.append(f"clients {record['clients_succeeded']}/{record['clients_sampled']} ok")
+    if "bytes_total" in record:
+        parts.append(f"{record['bytes_total'] / 2**20:.1f} MiB")
+    if "round_time_s" in record:
+        parts.append(f"{record['round_time_s']:.1f} s")
+    return " | ".join(parts)

@@ -1,0 +1,165 @@
+"""The ServerApp: seeded global model, the FedAdam round loop, checkpoints, resume and metrics.
+
+The loop is written out here (rather than calling ``strategy.start``) so that it can resume at round
+r + 1, stop cleanly when too few clients succeed, and checkpoint after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedhubert.checkpoint import export_huggingface, load_checkpoint, save_checkpoint
+from fedhubert.config import Config, load_config
+from fedhubert.errors import FederationError
+from fedhubert.federation.metrics import RunMetrics
+from fedhubert.federation.strategy import RobustFedAdam, RoundReport
+from fedhubert.federation.task import absolutize_paths, build_model, config_record, split_state
+
+log = logging.getLogger(__name__)
+ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
+
+
+class ServerCheckpoints:
+    """``<checkpoint_dir>/server/``: round_<r>.pt (last N kept), best_global_model.pt (+ _hf/)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.dir = Path(cfg.federation.checkpoint_dir) / "server"
+        self.keep = cfg.federation.keep_last_checkpoints
+        self.best = self.dir / "best_global_model.pt"
+
+    def rounds(self) -> list[tuple[int, Path]]:
+        found = [(int(m.group(1)), p) for p in self.dir.glob("round_*.pt") if (m := ROUND_FILE.search(p.name))]
+        return sorted(found)
+
+    def save_round(self, rnd: int, model: torch.nn.Module, cfg: Config, **extras: Any) -> Path:
+        path = self.dir / f"round_{rnd}.pt"
+        save_checkpoint(path, model, cfg, round=rnd, **extras)
+        for _, old in self.rounds()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def encoder_record(model: torch.nn.Module) -> ArrayRecord:
+    """The global model's encoder as float32 arrays: what FedAdam optimizes."""
+    encoder, _ = split_state(model)
+    return ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in encoder.items()})
+
+
+def load_encoder(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    state = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("final_proj", "label_embs")) for k in missing), (missing, unexpected)
+
+
+def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: RoundReport | None,
+                  eval_report: RoundReport, seconds: float, wire_dtype: str) -> dict[str, Any]:
+    reports = [r for r in (train_report, eval_report) if r is not None]
+    sent = sum(sum(r.bytes_sent.values()) for r in reports)
+    received = sum(sum(r.bytes_received.values()) for r in reports)
+    record: dict[str, Any] = {"round": rnd, "train": dict(train or {}), "val": dict(val or {}),
+                              "round_time_s": round(seconds, 3), "wire_dtype": wire_dtype,
+                              "bytes_sent": sent, "bytes_received": received, "bytes_total": sent + received}
+    if train_report is not None:
+        record.update(clients_sampled=train_report.sampled, clients_succeeded=len(train_report.succeeded),
+                      clients_failed=len(train_report.failed),
+                      failures=[f"{who}: {why}" for who, why in train_report.failed],
+                      bytes_received_per_client={str(k): v for k, v in train_report.bytes_received.items()},
+                      bytes_sent_per_client=next(iter(train_report.bytes_sent.values()), 0),
+                      client_train={str(k): v for k, v in train_report.client_metrics.items()})
+    record["client_val"] = {str(k): v for k, v in eval_report.client_metrics.items()}
+    return record
+
+
+def run_server(grid: Grid, cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Runs cfg.federation.num_rounds rounds (or the rest of them, with ``resume``)."""
+    cfg = absolutize_paths(cfg)
+    ckpts = ServerCheckpoints(cfg)
+    model = build_model(cfg)
+    strategy = RobustFedAdam(cfg)
+    metrics = RunMetrics(Path(cfg.federation.checkpoint_dir))
+    best_val, start = math.inf, 1
+
+    if resume:
+        if not ckpts.rounds():
+            raise FederationError(f"--resume: no round_<r>.pt in {ckpts.dir}")
+        last_round, path = ckpts.rounds()[-1]
+        saved_model, _, extras = load_checkpoint(path)
+        model.load_state_dict(saved_model.state_dict())
+        strategy.load_state_dict(extras["strategy_state"])
+        metrics = RunMetrics(metrics.out_dir, extras["metrics_history"])
+        best_val, start = float(extras["best_val_loss"]), last_round + 1
+        log.info("resuming from %s at round %d", path, start)
+
+    arrays = encoder_record(model)
+    train_cfg = config_record(cfg)
+    if not metrics.history:  # round 0: the initial model on every client's validation split, the baseline
+        random.seed(cfg.seed)
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, config_record(cfg), grid),
+                                        timeout=cfg.federation.round_timeout)
+        val = strategy.aggregate_evaluate(0, replies)
+        metrics.add(_round_record(0, None, val, None, strategy.evaluate_report, 0.0, cfg.federation.wire_dtype))
+        ckpts.save_round(0, model, cfg, strategy_state=strategy.state_dict(),
+                         metrics_history=metrics.history, best_val_loss=best_val)
+
+    for rnd in range(start, cfg.federation.num_rounds + 1):
+        t0 = time.perf_counter()
+        random.seed(cfg.seed * 100_003 + rnd)  # Flower samples clients with `random`: same rounds, same clients
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
+                                        timeout=cfg.federation.round_timeout)
+        new_arrays, train = strategy.aggregate_train(rnd, replies)
+        report = strategy.train_report
+        if new_arrays is None:
+            last = ckpts.rounds()[-1][1] if ckpts.rounds() else "none yet"
+            raise FederationError(
+                f"round {rnd}: {len(report.succeeded)} of {report.sampled} clients succeeded, "
+                f"federation.min_fit_clients is {cfg.federation.min_fit_clients} "
+                f"({'; '.join(f'{w}: {r}' for w, r in report.failed) or 'no replies'}); "
+                f"stopping. Last good checkpoint: {last}")
+        arrays = new_arrays
+        load_encoder(model, arrays)
+
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config_record(cfg), grid),
+                                        timeout=cfg.federation.round_timeout)
+        val = strategy.aggregate_evaluate(rnd, replies)
+        metrics.add(_round_record(rnd, train, val, report, strategy.evaluate_report,
+                                  time.perf_counter() - t0, cfg.federation.wire_dtype))
+
+        val_loss = float(val["loss"]) if val and "loss" in val else math.inf
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        ckpts.save_round(rnd, model, cfg, strategy_state=strategy.state_dict(),
+                         metrics_history=metrics.history, best_val_loss=best_val)
+        if improved:
+            save_checkpoint(ckpts.best, model, cfg, round=rnd, val_loss=val_loss)
+            log.info("round %d: new best global model (val loss %.4f) -> %s", rnd, val_loss, ckpts.best)
+
+    metrics.close()
+    metrics.plot()
+    if ckpts.best.exists():
+        best_model, best_cfg, _ = load_checkpoint(ckpts.best)
+        export_huggingface(best_model, best_cfg, ckpts.dir / "best_global_model_hf")
+    return {"history": metrics.history, "best_val_loss": best_val, "checkpoint_dir": str(ckpts.dir)}
+
+
+# --- `flwr run` entry point ----------------------------------------------------------------------
+# pyproject.toml's [tool.flwr.app.config] carries `config` (a YAML path) and `overrides` (space-
+# separated section.key=value) and `resume`; `flwr run . --run-config '...'` changes them.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    overrides = str(run_config.get("overrides", "")).split()
+    cfg = load_config(str(run_config.get("config", "configs/pretraining_config.yaml")), overrides)
+    run_server(grid, cfg, resume=bool(run_config.get("resume", False)))

@@ -1,0 +1,64 @@
+"""Runs the ServerApp and ClientApp as a Flower simulation (``run_simulation``, Ray backend)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedhubert.config import Config
+from fedhubert.errors import DataError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Flower and Ray read these at run time: no telemetry, no update check, no GPU masking on CPU hosts.
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def check_partitions(cfg: Config) -> None:
+    """Every client folder holds what the data stage writes; else one error naming the missing file."""
+    root = Path(cfg.data.partitions_dir)
+    for k in range(cfg.partition.num_clients):
+        for name in ("train.tsv", "train.km", "valid.tsv", "valid.km"):
+            path = root / f"client_{k}" / name
+            if not path.is_file():
+                raise DataError(f"{path} is missing: run partition_data.py and generate_kmeans_targets.py "
+                                f"with the same config (partition.num_clients={cfg.partition.num_clients})")
+
+
+def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+    """Trains ``cfg.partition.num_clients`` simulated clients for ``cfg.federation.num_rounds`` rounds.
+
+    ``client_app`` replaces the project's ClientApp (tests use it to inject faulty clients)."""
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    # Ray's worker processes import the apps: make the package importable there, wherever we run from.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    check_partitions(cfg)
+
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedhubert.federation.client_app import app as default_client_app
+    from fedhubert.federation.server_app import run_server
+
+    result: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
+        result.update(run_server(grid, cfg, resume=resume))
+
+    f = cfg.federation
+    backend_config = {
+        "client_resources": {"num_cpus": f.client_num_cpus, "num_gpus": f.client_num_gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": logging.WARNING, "log_to_driver": True},
+    }
+    run_simulation(server_app=server_app, client_app=client_app or default_client_app,
+                   num_supernodes=cfg.partition.num_clients, backend_config=backend_config)
+    if not result:
+        raise RuntimeError("the simulation ended without a result from the ServerApp (see the log above)")
+    return result

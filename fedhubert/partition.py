@@ -1,0 +1,254 @@
+"""Split a LibriSpeech manifest into federated clients and write each client's fairseq manifests.
+
+Methods (``partition.method``):
+  speaker_based  every speaker on exactly one client; speakers go, longest first, to the client with
+                 the fewest hours so far (longest-processing-time greedy), so clients carry similar hours.
+  iid            utterances shuffled and dealt into equal-count shares (speakers spread over clients).
+  dirichlet      per speaker, client shares drawn from Dirichlet(alpha): small alpha puts each
+                 speaker on few clients (label skew) and makes client sizes uneven (size skew).
+Each client then holds out ``valid_fraction`` of its own utterances (at least one when it has two or
+more), spread over its speakers, as its validation split.
+
+Everything is computed and checked before the first file is written; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from fedhubert.config import Config
+from fedhubert.errors import ConfigError
+from fedhubert.fileio import atomic_open, atomic_path, atomic_write_text
+from fedhubert.librispeech import CSV_COLUMNS, REJECT_COLUMNS, Utterance, scan_corpus
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+TARGET_FILES = ("train.km", "valid.km", "kmeans.joblib")  # made by generate_kmeans_targets.py
+_DIRICHLET_TRIES = 100
+
+
+def client_dir(partitions_dir: str | Path, k: int) -> Path:
+    return Path(partitions_dir) / f"client_{k}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assigning utterances to clients (pure functions of rows, num_clients and seed)
+# ---------------------------------------------------------------------------------------------------
+
+def _by_speaker(rows: Sequence[Utterance]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[r.speaker].append(i)
+    return dict(sorted(groups.items()))
+
+
+def speaker_based(rows: Sequence[Utterance], num_clients: int) -> list[list[int]]:
+    """Longest-processing-time greedy over speakers: each speaker's utterances on one client."""
+    groups = _by_speaker(rows)
+    if num_clients > len(groups):
+        raise ConfigError(f"partition.num_clients ({num_clients}) exceeds the number of speakers "
+                          f"({len(groups)}) for partition.method speaker_based")
+    hours = {s: sum(rows[i].duration for i in idx) / 3600 for s, idx in groups.items()}
+    load, clients = [0.0] * num_clients, [[] for _ in range(num_clients)]
+    for spk in sorted(groups, key=lambda s: (-hours[s], s)):  # ties broken by id: deterministic
+        k = min(range(num_clients), key=lambda c: (load[c], c))
+        clients[k].extend(groups[spk])
+        load[k] += hours[spk]
+    return clients
+
+
+def iid(rows: Sequence[Utterance], num_clients: int, rng: np.random.Generator) -> list[list[int]]:
+    """A seeded shuffle of all utterances cut into ``num_clients`` near-equal shares."""
+    order = rng.permutation(len(rows))
+    return [part.tolist() for part in np.array_split(order, num_clients)]
+
+
+def dirichlet(rows: Sequence[Utterance], num_clients: int, alpha: float,
+              rng: np.random.Generator) -> list[list[int]]:
+    """Per speaker, shares over clients ~ Dirichlet(alpha); redrawn until no client is empty."""
+    groups = _by_speaker(rows)
+    for _ in range(_DIRICHLET_TRIES):
+        clients: list[list[int]] = [[] for _ in range(num_clients)]
+        for idx in groups.values():
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = np.floor(np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for k, part in enumerate(np.split(rng.permutation(idx), cuts)):
+                clients[k].extend(part.tolist())
+        if all(clients):
+            return clients
+    raise ConfigError(f"partition.method dirichlet left a client empty in {_DIRICHLET_TRIES} draws with "
+                      f"partition.dirichlet_alpha {alpha} and partition.num_clients {num_clients}; "
+                      f"raise dirichlet_alpha or lower num_clients")
+
+
+def assign_clients(rows: Sequence[Utterance], cfg: Config) -> list[list[int]]:
+    """Row indices of each client (each list sorted), by ``cfg.partition.method``."""
+    p, rng = cfg.partition, np.random.default_rng(cfg.seed)
+    if p.method != "speaker_based" and p.num_clients > len(rows):
+        raise ConfigError(f"partition.num_clients ({p.num_clients}) exceeds the {len(rows)} usable utterances")
+    if p.method == "speaker_based":
+        clients = speaker_based(rows, p.num_clients)
+    elif p.method == "iid":
+        clients = iid(rows, p.num_clients, rng)
+    else:
+        clients = dirichlet(rows, p.num_clients, p.dirichlet_alpha, rng)
+    for k, idx in enumerate(clients):
+        if not idx:
+            raise ConfigError(f"client {k} got no utterances with partition.method {p.method}; "
+                              f"lower partition.num_clients ({p.num_clients})")
+    return [sorted(idx) for idx in clients]
+
+
+def split_valid(rows: Sequence[Utterance], idx: Sequence[int], fraction: float,
+                rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """(train, valid) row indices of one client. Valid takes round(fraction * n) utterances, at least
+    one when n >= 2 and never all of them, dealt round-robin over the client's speakers so that
+    every speaker is represented before any gives a second one."""
+    n = len(idx)
+    n_valid = 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+    per_speaker: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        per_speaker[rows[i].speaker].append(i)
+    queues = [list(rng.permutation(per_speaker[s])) for s in rng.permutation(sorted(per_speaker))]
+    dealt: list[int] = []
+    while len(dealt) < n_valid:
+        for q in queues:
+            if q and len(dealt) < n_valid:
+                dealt.append(int(q.pop()))
+    valid = set(dealt)
+    return sorted(i for i in idx if i not in valid), sorted(valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+def tsv_text(root: Path, rows: Iterable[Utterance]) -> str:
+    """A fairseq manifest: the absolute audio root, then ``relative/path<TAB>num_samples`` lines."""
+    return "".join([f"{root}\n"] + [f"{r.path}\t{r.num_samples}\n" for r in rows])
+
+
+def write_csv(path: Path, columns: list[str], rows: Iterable[object]) -> None:
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([getattr(r, c) for c in columns])
+
+
+def _hours(rows: Iterable[Utterance]) -> float:
+    return round(sum(r.duration for r in rows) / 3600, 4)
+
+
+def client_summary(k: int, splits: dict[str, list[Utterance]]) -> dict:
+    """Hours, utterances, speakers and sex balance of one client."""
+    every = splits["train"] + splits["valid"]
+    speakers = {r.speaker: r.sex for r in every}
+    sexes = sorted(set(speakers.values()))
+    return {
+        "client": k,
+        "hours": _hours(every),
+        "utterances": len(every),
+        "speakers": len(speakers),
+        **{split: {"hours": _hours(rs), "utterances": len(rs)} for split, rs in splits.items()},
+        "speakers_by_sex": {s: sum(v == s for v in speakers.values()) for s in sexes},
+        "hours_by_sex": {s: _hours(r for r in every if r.sex == s) for s in sexes},
+    }
+
+
+def plot_summary(path: Path, clients: list[dict], title: str) -> None:
+    """Bar plot of hours per client (stacked by sex) and speakers per client, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [c["client"] for c in clients]
+    sexes = sorted({s for c in clients for s in c["hours_by_sex"]})
+    fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(ks) + 4), 3.5))
+    bottom = np.zeros(len(ks))
+    for sex in sexes:
+        vals = np.array([c["hours_by_sex"].get(sex, 0.0) for c in clients])
+        ax_h.bar(ks, vals, bottom=bottom, label=sex)
+        bottom += vals
+    ax_h.set(xlabel="client", ylabel="hours", title="audio per client", xticks=ks)
+    ax_h.legend(title="sex", fontsize="small")
+    ax_s.bar(ks, [c["speakers"] for c in clients], color="tab:gray")
+    ax_s.set(xlabel="client", ylabel="speakers", title="speakers per client", xticks=ks)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _clear_stale(out: Path, num_clients: int, new_tsvs: dict[Path, str]) -> None:
+    """Removes client folders this run does not make, and k-means targets of clients whose
+    manifests change: never a mix of old and new partitions under ``out``."""
+    for d in sorted(out.glob("client_*")):
+        suffix = d.name.removeprefix("client_")
+        if d.is_dir() and suffix.isdigit() and int(suffix) >= num_clients:
+            log.warning("removing %s: left from an earlier run with more clients", d)
+            shutil.rmtree(d)
+    for k in range(num_clients):
+        d = client_dir(out, k)
+        changed = any(not p.is_file() or p.read_text() != text for p, text in new_tsvs.items() if p.parent == d)
+        stale = [d / name for name in TARGET_FILES if (d / name).exists()]
+        if changed and stale:
+            log.warning("%s: partition changed, removing its old k-means targets (%s)", d,
+                        ", ".join(p.name for p in stale))
+            for p in stale:
+                p.unlink()
+
+
+def partition_corpus(cfg: Config) -> dict:
+    """partition_data.py: scan, assign clients, split valid, write every output. Returns the summary."""
+    d, p = cfg.data, cfg.partition
+    root = Path(d.librispeech_root).expanduser().resolve()
+    out = Path(d.partitions_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"data.partitions_dir {out} exists and is not a folder")
+    rows, rejects = scan_corpus(root, d.subsets, d.sample_rate, d.min_audio_length, d.scan_workers)
+    clients = assign_clients(rows, cfg)
+    splits = []
+    for k, idx in enumerate(clients):
+        train, valid = split_valid(rows, idx, p.valid_fraction, np.random.default_rng([cfg.seed, k]))
+        splits.append({"train": [rows[i] for i in train], "valid": [rows[i] for i in valid]})
+
+    summaries = [client_summary(k, s) for k, s in enumerate(splits)]
+    summary = {
+        "method": p.method, "seed": cfg.seed, "num_clients": p.num_clients,
+        "dirichlet_alpha": p.dirichlet_alpha if p.method == "dirichlet" else None,
+        "valid_fraction": p.valid_fraction, "sample_rate": d.sample_rate, "librispeech_root": str(root),
+        "subsets": sorted({r.subset for r in rows}), "hours": _hours(rows), "utterances": len(rows),
+        "speakers": len({r.speaker for r in rows}), "rejected": len(rejects), "clients": summaries,
+    }
+    tsvs = {client_dir(out, k) / f"{split}.tsv": tsv_text(root, s[split])
+            for k, s in enumerate(splits) for split in SPLITS}
+
+    # All checks passed: from here on only writes.
+    _clear_stale(out, p.num_clients, tsvs)
+    write_csv(out / "manifest.csv", CSV_COLUMNS, rows)
+    write_csv(out / "rejects.csv", REJECT_COLUMNS, rejects)
+    for k, s in enumerate(splits):
+        for split in SPLITS:
+            write_csv(client_dir(out, k) / f"{split}.csv", CSV_COLUMNS, s[split])
+    for path, text in tsvs.items():
+        atomic_write_text(path, text)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plot_summary(out / "summary.png", summaries,
+                 f"{p.method} partition, {p.num_clients} clients, {summary['hours']:.2f} h")
+    for c in summaries:
+        log.info("client_%d: %.3f h, %d utterances (%d valid), %d speakers %s", c["client"], c["hours"],
+                 c["utterances"], c["valid"]["utterances"], c["speakers"], c["speakers_by_sex"])
+    log.info("wrote %s (%d utterances, %d rejected)", out, len(rows), len(rejects))
+    return summary
+

@@ -1,0 +1,112 @@
+"""Flower's deployment engine on loopback: one flower-superlink, two flower-supernodes (each with its
+own partition id and data path), and `flwr run` of this repository's app for one round. Insecure mode
+(TLS and SuperNode authentication are shown in the README). Every process started here is stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, copy_corpus, make_config
+from fedhubert.partition import partition_corpus
+from fedhubert.targets import generate_targets
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"port {port} did not open:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def processes():
+    """Started processes, each in its own process group; all groups are stopped at the end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:  # children (flwr-serverapp / flwr-clientapp / superexec) share the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_supernodes_one_round_on_loopback(tmp_path, processes):
+    root = copy_corpus(tmp_path, speakers=["1688", "2033", "3005", "367"], utts_per_speaker=3)
+    overrides = [*TINY, "partition.num_clients=2", "federation.num_rounds=1",
+                 f"federation.checkpoint_dir={tmp_path / 'ckpt'}"]
+    cfg = make_config(root, tmp_path / "partitions", *overrides)
+    partition_corpus(cfg)
+    generate_targets(cfg)
+
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    link_port = free_port()
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                env=env, cwd=REPO, start_new_session=True)
+        processes.append(proc)
+        return proc, log
+
+    link, link_log = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+                           "--port", str(link_port))
+    wait_for_port(link_port, link, link_log)
+    for k in range(2):
+        node_port = free_port()
+        node, node_log = start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink",
+                               f"127.0.0.1:{link_port}", "--port", str(node_port), "--node-config",
+                               f'partition-id={k} num-partitions=2 data-path="{tmp_path / "partitions" / f"client_{k}"}"')
+        wait_for_port(node_port, node, node_log)
+
+    server_overrides = " ".join([*overrides, f"data.partitions_dir={tmp_path / 'partitions'}",
+                                 f"data.librispeech_root={root}"])
+    base_config = REPO / "configs" / "pretraining_config.yaml"
+    run_config = f'config="{base_config}" overrides="{server_overrides}"'
+    run = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    server = tmp_path / "ckpt" / "server"
+    deadline = time.time() + 60  # the stream can end a moment before the ServerApp's last write
+    while not (server / "best_global_model_hf" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (server / "round_1.pt").is_file(), run.stdout[-3000:]
+    assert (server / "best_global_model.pt").is_file()
+    weights = torch.load(server / "round_1.pt", weights_only=True)["model_weight"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    for k in range(2):
+        assert (tmp_path / "ckpt" / "clients" / f"client_{k}" / "head_round_1.pt").is_file()

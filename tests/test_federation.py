@@ -1,0 +1,149 @@
+"""Federated pretraining end to end on the bundled real speech: partition (3 clients) -> k-means targets
+-> Flower simulation of a tiny HuBERT. Checkpoints, metrics, resume equivalence, fault tolerance, and
+that the client-specific prediction heads are never aggregated."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, copy_corpus, make_config
+from fedhubert.config import Config
+from fedhubert.errors import FederationError
+from fedhubert.evaluate import check_s3prl_load
+from fedhubert.federation.simulation import run_federated_pretraining
+from fedhubert.federation.task import build_model, is_head_param, split_state
+from fedhubert.partition import partition_corpus
+from fedhubert.targets import generate_targets
+
+SPEAKERS = ["1688", "1998", "2033", "2414", "2609", "3005"]
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("federation")
+    root = copy_corpus(work, speakers=SPEAKERS, utts_per_speaker=4)
+    cfg = make_config(root, work / "partitions", *TINY)
+    partition_corpus(cfg)
+    generate_targets(cfg)
+    return root, work / "partitions"
+
+
+def fed_config(partitions: tuple[Path, Path], checkpoint_dir: Path, *overrides: str) -> Config:
+    root, parts = partitions
+    return make_config(root, parts, *TINY, f"federation.checkpoint_dir={checkpoint_dir}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def two_rounds(partitions, tmp_path_factory) -> tuple[Config, dict]:
+    cfg = fed_config(partitions, tmp_path_factory.mktemp("run2") / "ckpt", "federation.num_rounds=2")
+    return cfg, run_federated_pretraining(cfg)
+
+
+def read_history(cfg: Config) -> list[dict]:
+    lines = (Path(cfg.federation.checkpoint_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_two_rounds_write_checkpoints_metrics_and_learn(two_rounds):
+    cfg, result = two_rounds
+    out = Path(cfg.federation.checkpoint_dir)
+    server = out / "server"
+    for name in ("round_0.pt", "round_1.pt", "round_2.pt", "best_global_model.pt",
+                 "best_global_model_hf/config.json"):
+        assert (server / name).is_file(), name
+    assert (out / "curves.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    history = read_history(cfg)
+    assert [r["round"] for r in history] == [0, 1, 2] == [r["round"] for r in result["history"]]
+    for record in history:
+        for split in ("train", "val"):
+            assert all(math.isfinite(v) for v in record[split].values()), record
+    assert history[2]["val"]["loss"] < history[0]["val"]["loss"]
+    assert history[1]["clients_succeeded"] == 3 and history[1]["clients_failed"] == 0
+
+    # Every checkpoint is plain data (weights_only) and s3prl's hubert_local loads the best one.
+    for path in server.glob("*.pt"):
+        torch.load(path, map_location="cpu", weights_only=True)
+    assert check_s3prl_load(cfg) == cfg.model.num_hidden_layers + 1
+
+
+def test_weights_travel_as_float32_encoder_only(two_rounds):
+    cfg, _ = two_rounds
+    encoder, _ = split_state(build_model(cfg))
+    fp32_bytes = sum(t.numel() * 4 for t in encoder.values())
+    record = read_history(cfg)[1]
+    assert record["bytes_sent_per_client"] == fp32_bytes
+    assert set(record["bytes_received_per_client"].values()) == {fp32_bytes}
+
+
+def test_server_never_aggregates_the_prediction_heads(two_rounds):
+    cfg, _ = two_rounds
+    initial = build_model(cfg).state_dict()
+    saved = torch.load(Path(cfg.federation.checkpoint_dir) / "server" / "round_2.pt", weights_only=True)
+    weights = saved["model_weight"]
+    head_names = [k for k in weights if is_head_param(k)]
+    assert head_names, "the checkpoint must carry a head for s3prl's strict load"
+    for name in head_names:  # the server's head is the seeded initial one: nothing ever averaged into it
+        assert torch.equal(weights[name], initial[name]), name
+    assert not torch.equal(weights["encoder.layers.0.fc1.weight"], initial["encoder.layers.0.fc1.weight"])
+
+    heads = [torch.load(Path(cfg.federation.checkpoint_dir) / "clients" / f"client_{k}" / "head_round_2.pt",
+                        weights_only=True)["head"] for k in range(3)]
+    for name in head_names:  # each client trained its own head
+        assert not torch.equal(heads[0][name], initial[name])
+        assert not torch.equal(heads[0][name], heads[1][name])
+        assert not torch.equal(heads[1][name], heads[2][name])
+
+
+def test_resume_matches_an_uninterrupted_run(two_rounds, partitions, tmp_path):
+    cfg2, _ = two_rounds
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(cfg2.federation.checkpoint_dir, resumed_dir)
+    resumed = fed_config(partitions, resumed_dir, "federation.num_rounds=4")
+    run_federated_pretraining(resumed, resume=True)
+    straight = fed_config(partitions, tmp_path / "straight", "federation.num_rounds=4")
+    run_federated_pretraining(straight)
+
+    a = torch.load(resumed_dir / "server" / "round_4.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "server" / "round_4.pt", weights_only=True)
+    for name, tensor in b["model_weight"].items():
+        torch.testing.assert_close(a["model_weight"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for moment in ("m_t", "v_t"):
+        for name, tensor in b["strategy_state"][moment].items():
+            torch.testing.assert_close(a["strategy_state"][moment][name], tensor, rtol=1e-5, atol=1e-9)
+    assert [r["round"] for r in read_history(resumed)] == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def faulty_client_app(monkeypatch):
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    import faulty_clients
+    return faulty_clients.app
+
+
+def test_failed_and_nan_clients_are_left_out(partitions, tmp_path, faulty_client_app):
+    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=2", "federation.min_fit_clients=1")
+    result = run_federated_pretraining(cfg, client_app=faulty_client_app)
+    history = result["history"]
+    assert (history[1]["clients_succeeded"], history[1]["clients_failed"]) == (1, 2)
+    assert (history[2]["clients_succeeded"], history[2]["clients_failed"]) == (2, 1)
+    assert any("raised" in f and "planted failure" in f for f in history[1]["failures"])
+    assert any("client 1" in f and "NaN" in f for f in history[2]["failures"])
+    final = torch.load(tmp_path / "ckpt" / "server" / "round_2.pt", weights_only=True)["model_weight"]
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_too_few_successful_clients_stop_the_run(partitions, tmp_path, faulty_client_app):
+    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=2", "federation.min_fit_clients=3")
+    with pytest.raises(FederationError, match="min_fit_clients"):
+        run_federated_pretraining(cfg, client_app=faulty_client_app)
+    server = tmp_path / "ckpt" / "server"
+    assert sorted(p.name for p in server.glob("round_*.pt")) == ["round_0.pt"]
+    torch.load(server / "round_0.pt", weights_only=True)  # the last good checkpoint is intact
