@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedhubert.config import FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, config_from_dict
@@ -81,18 +82,19 @@ def _config_for(model: HubertBase, cfg: Config) -> Config:
     return out
 
 
-def _check_plain(value: Any, where: str) -> None:
-    """Only what ``torch.load(weights_only=True)`` reads back: containers of plain types and tensors."""
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as what ``torch.load(weights_only=True)`` reads back: containers of plain types and
+    tensors. numpy scalars become Python numbers; anything else (numpy arrays, objects) is an error."""
     if isinstance(value, dict):
-        for k, v in value.items():
-            _check_plain(k, where)
-            _check_plain(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-    elif not (value is None or isinstance(value, (bool, int, float, str, torch.Tensor))):
-        raise TypeError(f"checkpoint extra '{where}' is a {type(value).__name__}; only plain types and tensors "
-                        "can be saved (torch.load(weights_only=True) must read it)")
+        return {_plain(k, where): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return value
+    raise TypeError(f"checkpoint extra '{where}' is a {type(value).__name__}; only plain types and tensors can "
+                    "be saved (torch.load(weights_only=True) must read it): convert arrays with torch.from_numpy")
 
 
 def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **extras: Any) -> None:
@@ -100,7 +102,7 @@ def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **e
     for key in extras:
         if key in S3PRL_KEYS or key == CONFIG_KEY:
             raise ValueError(f"checkpoint extra '{key}' would overwrite a reserved key")
-    _check_plain(extras, "extras")
+    extras = _plain(extras, "extras")
     cfg = _config_for(model, cfg)
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     state = {"task_cfg": s3prl_task_cfg(cfg), "model_cfg": s3prl_model_cfg(cfg), "model_weight": weights,
@@ -128,37 +130,37 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _config_from_fairseq(state: dict[str, Any], path: Path) -> Config:
     """Our Config for a checkpoint written by s3prl's converter (e.g. a released HuBERT)."""
     m, task, symbols = state["model_cfg"], state["task_cfg"], state["dictionaries_symbols"]
-    layers = _parse_conv_layers(m.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"))
-    supported = (len(symbols) == 1 and m.get("extractor_mode", "default") == "default"
-                 and not m.get("conv_bias", False) and not m.get("untie_final_proj", False)
-                 and not m.get("target_glu", False) and m.get("activation_fn", "gelu") == "gelu"
-                 and m.get("layer_type", "transformer") == "transformer" and m.get("pos_conv_depth", 1) == 1
-                 and layers is not None and [(k, s) for _, k, s in layers] == CONV_LAYERS
-                 and len({c for c, _, _ in layers}) == 1)
-    if not supported:
-        raise DataError(f"{path}: a HuBERT variant this code does not build (only the Base/Large architecture "
-                        "with one label set and the default CNN)")
-    mask_length = int(m.get("mask_length", 10))
-    values = {
-        "data": {"sample_rate": int(task.get("sample_rate", 16000)), "mask_length": mask_length,
-                 "mask_prob": float(m.get("mask_prob", 0.8)) / mask_length},
-        "kmeans": {"n_clusters": len(symbols[0]) - NUM_SPECIAL_SYMBOLS},
-        "model": {"hidden_size": m["encoder_embed_dim"], "num_hidden_layers": m["encoder_layers"],
-                  "num_attention_heads": m["encoder_attention_heads"], "intermediate_size": m["encoder_ffn_embed_dim"],
-                  "conv_dim": layers[0][0], "hidden_dropout": m.get("dropout", 0.1),
-                  "attention_dropout": m.get("attention_dropout", 0.1),
-                  "activation_dropout": m.get("activation_dropout", 0.0),
-                  "feat_proj_dropout": m.get("dropout_input", 0.0), "dropout_features": m.get("dropout_features", 0.0),
-                  "layerdrop": m.get("encoder_layerdrop", 0.0), "vocab_size": len(symbols[0]),
-                  "final_dim": m.get("final_dim", 0) or m["encoder_embed_dim"], "logit_temp": m.get("logit_temp", 0.1),
-                  "layer_norm_first": m.get("layer_norm_first", False),
-                  "feature_grad_mult": m.get("feature_grad_mult", 1.0), "conv_pos": m.get("conv_pos", 128),
-                  "conv_pos_groups": m.get("conv_pos_groups", 16)},
-    }
     try:
-        return config_from_dict(values)
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: model_cfg does not fit our config ({exc})") from None
+        layers = _parse_conv_layers(str(m.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")))
+        supported = (len(symbols) == 1 and m.get("extractor_mode", "default") == "default"
+                     and not m.get("conv_bias", False) and not m.get("untie_final_proj", False)
+                     and not m.get("target_glu", False) and m.get("activation_fn", "gelu") == "gelu"
+                     and m.get("layer_type", "transformer") == "transformer" and m.get("pos_conv_depth", 1) == 1
+                     and layers is not None and [(k, s) for _, k, s in layers] == CONV_LAYERS
+                     and len({c for c, _, _ in layers}) == 1)
+        if not supported:
+            raise DataError(f"{path}: a HuBERT variant this code does not build (only the Base/Large "
+                            "architecture with one label set and the default CNN)")
+        mask_length = int(m.get("mask_length", 10))
+        return config_from_dict({
+            "data": {"sample_rate": int(task.get("sample_rate", 16000)), "mask_length": mask_length,
+                     "mask_prob": float(m.get("mask_prob", 0.8)) / mask_length},
+            "kmeans": {"n_clusters": len(symbols[0]) - NUM_SPECIAL_SYMBOLS},
+            "model": {"hidden_size": m["encoder_embed_dim"], "num_hidden_layers": m["encoder_layers"],
+                      "num_attention_heads": m["encoder_attention_heads"],
+                      "intermediate_size": m["encoder_ffn_embed_dim"], "conv_dim": layers[0][0],
+                      "hidden_dropout": m.get("dropout", 0.1), "attention_dropout": m.get("attention_dropout", 0.1),
+                      "activation_dropout": m.get("activation_dropout", 0.0),
+                      "feat_proj_dropout": m.get("dropout_input", 0.0),
+                      "dropout_features": m.get("dropout_features", 0.0),
+                      "layerdrop": m.get("encoder_layerdrop", 0.0), "vocab_size": len(symbols[0]),
+                      "final_dim": m.get("final_dim", 0) or m["encoder_embed_dim"],
+                      "logit_temp": m.get("logit_temp", 0.1), "layer_norm_first": m.get("layer_norm_first", False),
+                      "feature_grad_mult": m.get("feature_grad_mult", 1.0), "conv_pos": m.get("conv_pos", 128),
+                      "conv_pos_groups": m.get("conv_pos_groups", 16)},
+        })
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise DataError(f"{path}: model_cfg/task_cfg do not describe a model we can build ({exc})") from None
 
 
 def _parse_conv_layers(text: str) -> list[tuple[int, int, int]] | None:
@@ -230,7 +232,7 @@ def hf_config(cfg: Config) -> dict[str, Any]:
     from transformers import HubertConfig
 
     m = cfg.model
-    return HubertConfig(
+    values = dict(
         hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         intermediate_size=m.intermediate_size, hidden_act="gelu", hidden_dropout=m.hidden_dropout,
         activation_dropout=m.activation_dropout, attention_dropout=m.attention_dropout,
@@ -240,8 +242,9 @@ def hf_config(cfg: Config) -> dict[str, Any]:
         conv_stride=[s for _, s in CONV_LAYERS], conv_bias=False, num_conv_pos_embeddings=m.conv_pos,
         num_conv_pos_embedding_groups=m.conv_pos_groups, do_stable_layer_norm=m.layer_norm_first,
         mask_time_prob=fairseq_mask_prob(cfg.data.mask_prob, cfg.data.mask_length),
-        mask_time_length=cfg.data.mask_length, architectures=["HubertModel"], torch_dtype="float32",
-    ).to_dict()
+        mask_time_length=cfg.data.mask_length, architectures=["HubertModel"])
+    # what save_pretrained writes (model_type, transformers_version, non-defaults), plus every key we set
+    return {**HubertConfig(**values).to_diff_dict(), **values}
 
 
 def hf_state_dict(model: HubertBase, with_mask_emb: bool = True) -> dict[str, torch.Tensor]:

@@ -85,7 +85,7 @@ class ModelConfig:
     attention_dropout: float = knob(0.1, "dropout on attention weights", low=0.0, high=1.0)
     activation_dropout: float = knob(0.0, "dropout inside the feed-forward block", low=0.0, high=1.0)
     feat_proj_dropout: float = knob(0.1, "dropout on projected CNN features (fairseq dropout_input)", low=0.0, high=1.0)
-    dropout_features: float = knob(0.1, "dropout on CNN features before the projection", low=0.0, high=1.0)
+    dropout_features: float = knob(0.1, "fairseq HubertConfig key, exported as is; fairseq's HuBERT (and ours) never applies it", low=0.0, high=1.0)
     layerdrop: float = knob(0.05, "probability of skipping a transformer layer in training", low=0.0, high=1.0)
     vocab_size: int = knob(504, "target symbols: clusters + fairseq's 4 special symbols", low=NUM_SPECIAL_SYMBOLS + 2)
     final_dim: int = knob(256, "dimension of final_proj and the label embeddings", low=1)

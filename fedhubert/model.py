@@ -122,10 +122,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
-        # One GEMM for q, k and v: cheaper than three, same numbers (weights concatenated per call).
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        q, k, v = F.linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # [B, heads, T, head_dim]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -196,6 +194,9 @@ class TransformerEncoder(nn.Module):
 
 
 class HubertBase(nn.Module):
+    """HuBERT for masked-prediction pretraining (:meth:`pretraining_step`) and as a feature extractor
+    (:meth:`extract_hidden_states`). ``mask_prob`` is the paper's p (see :meth:`sample_mask`)."""
+
     def __init__(self, model_cfg: ModelConfig, mask_prob: float = 0.08, mask_length: int = 10):
         super().__init__()
         cfg = model_cfg

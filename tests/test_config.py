@@ -178,3 +178,11 @@ def test_script_reports_a_missing_config_file(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and str(tmp_path / "none.yaml") in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_readme_documents_every_config_key():
+    from fedhubert.config import describe_keys
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, *_ in describe_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"

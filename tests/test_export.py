@@ -5,6 +5,7 @@ from __future__ import annotations
 import fedhubert.compat  # noqa: F401  (before s3prl)
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def test_hidden_states_equal_s3prl_and_transformers(case, tmp_path, hub, speech)
         upstream = hub.hubert_local(ckpt=str(tmp_path / "ckpt.pt")).eval()
         assert max(max_diffs(ours, upstream([speech])["hidden_states"])) <= 1e-4
         del upstream
+        hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert hf_cfg["mask_time_prob"] == pytest.approx(0.8) and hf_cfg["model_type"] == "hubert"
         hf, info = HubertModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
         assert not any(info.values()), info  # no missing / unexpected / mismatched keys
         assert max(max_diffs(ours, hf.eval()(speech[None], output_hidden_states=True).hidden_states)) <= 1e-4
@@ -109,7 +112,7 @@ def test_checkpoint_is_plain_s3prl_format_and_round_trips(tmp_path):
     model.pretraining_step(wav, None, torch.randint(4, 104, (2, 49))).loss.backward()
     opt.step()
     path = tmp_path / "round_3.pt"
-    save_checkpoint(path, model, cfg, round=3, optimizer=opt.state_dict(), history=[{"loss": 1.5}])
+    save_checkpoint(path, model, cfg, round=3, optimizer=opt.state_dict(), history=[{"loss": np.float64(1.5)}])
 
     raw = torch.load(path, weights_only=True)
     assert raw["dictionaries_symbols"] == [["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in range(100)]]
@@ -125,6 +128,7 @@ def test_checkpoint_is_plain_s3prl_format_and_round_trips(tmp_path):
     loaded, loaded_cfg, extras = load_checkpoint(path)
     assert loaded_cfg.to_dict() == cfg.to_dict()
     assert extras["round"] == 3 and extras["history"] == [{"loss": 1.5}]
+    assert type(extras["history"][0]["loss"]) is float  # numpy scalars are stored as Python numbers
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     torch.optim.AdamW(loaded.parameters()).load_state_dict(extras["optimizer"])
@@ -147,6 +151,8 @@ def test_save_rejects_what_weights_only_cannot_read(tmp_path):
     model = HubertBase.from_config(cfg)
     with pytest.raises(TypeError, match="extras.state.obj"):
         save_checkpoint(tmp_path / "a.pt", model, cfg, state={"obj": object()})
+    with pytest.raises(TypeError, match=r"extras.m\[0\]' is a ndarray.*torch.from_numpy"):
+        save_checkpoint(tmp_path / "a.pt", model, cfg, m=[np.zeros(3)])
     with pytest.raises(ValueError, match="model_weight"):
         save_checkpoint(tmp_path / "a.pt", model, cfg, model_weight={})
     assert not list(tmp_path.iterdir())

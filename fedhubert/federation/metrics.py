@@ -55,6 +55,7 @@ class RunMetrics:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
         for ax, (key, title) in zip(axes, CURVES):
@@ -64,6 +65,7 @@ class RunMetrics:
                     ax.plot(*zip(*points), style, label=split)
             ax.set_title(title)
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
         fig.tight_layout()
         target = self.out_dir / "curves.png"
