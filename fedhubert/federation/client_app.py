@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedhubert.config import Config
 from fedhubert.data import derive_seed, make_loader, read_manifest
 from fedhubert.federation.task import (build_model, client_checkpoint_dir, client_data_dir, config_from_record,
-                                       decode_arrays, encode_arrays, is_head_param, split_state)
+                                       decode_arrays, encode_arrays, load_encoder, split_state)
 from fedhubert.fileio import atomic_path
 from fedhubert.train import evaluate_local, resolve_batch_size, resolve_device, train_local
 
@@ -64,9 +64,7 @@ def _prepare(msg: Message, context: Context, head_up_to_offset: int):
     torch.set_num_threads(max(1, int(cfg.federation.client_num_cpus)))
 
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(decode_arrays(msg.content["arrays"]), strict=False)
-    if unexpected or not all(is_head_param(k) for k in missing):
-        raise RuntimeError(f"global arrays do not match the model: missing {missing}, unexpected {unexpected}")
+    load_encoder(model, decode_arrays(msg.content["arrays"]))
     heads = HeadStore(client_checkpoint_dir(cfg, partition_id, context.node_config), context,
                       cfg.federation.keep_last_checkpoints)
     head = heads.latest(up_to=server_round + head_up_to_offset)

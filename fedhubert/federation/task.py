@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedhubert.config import Config, config_from_dict
+from fedhubert.errors import FederationError
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 
 CONFIG_KEY = "fedhubert-config"  # the run's Config as JSON, inside every message's ConfigRecord
@@ -32,6 +33,13 @@ def split_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     for name, tensor in model.state_dict().items():
         (head if is_head_param(name) else encoder)[name] = tensor
     return encoder, head
+
+
+def load_encoder(model: torch.nn.Module, encoder: dict[str, torch.Tensor]) -> None:
+    """Loads the encoder weights into ``model``, leaving its head as it is; any other mismatch is an error."""
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    if unexpected or not all(is_head_param(k) for k in missing):
+        raise FederationError(f"global arrays do not match the model: missing {missing}, unexpected {unexpected}")
 
 
 def build_model(cfg: Config) -> HubertBase:
