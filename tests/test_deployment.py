@@ -1,10 +1,12 @@
 """Flower's deployment engine on loopback: one flower-superlink, two flower-supernodes (each with its
-own partition id and data path), and `flwr run` of this repository's app for one round. Insecure mode
-(TLS and SuperNode authentication are shown in the README). Every process started here is stopped."""
+own partition id and data path), and `flwr run` of this repository's app for one round; once in insecure
+mode and once with TLS (a private CA made with openssl) and SuperNode authentication (ssh-keygen keys
+registered with `flwr supernode register`), as the README describes. Every process started is stopped."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,7 +62,27 @@ def processes():
             pass
 
 
-def test_two_supernodes_one_round_on_loopback(tmp_path, processes):
+def make_credentials(folder: Path) -> None:
+    """A private CA, a server certificate for 127.0.0.1, and one SuperNode key pair per client."""
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True)
+
+    folder.mkdir()
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+        "-out", "ca.crt", "-subj", "/CN=fedhubert-test-ca")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-out", "server.pem", "-extfile", "san.ext")
+    for name in ("client_0_key", "client_1_key", "unregistered_key"):
+        run("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-supernode-auth"])
+def test_two_supernodes_one_round_on_loopback(tmp_path, processes, secure):
+    if secure and not (shutil.which("openssl") and shutil.which("ssh-keygen")):
+        pytest.skip("openssl and ssh-keygen are needed to make the TLS certificates and SuperNode keys")
     root = copy_corpus(tmp_path, speakers=["1688", "2033", "3005", "367"], utts_per_speaker=3)
     overrides = [*TINY, "partition.num_clients=2", "federation.num_rounds=1",
                  f"federation.checkpoint_dir={tmp_path / 'ckpt'}"]
@@ -70,10 +92,16 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes):
 
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     link_port = free_port()
+    certs = tmp_path / "certs"
+    if secure:
+        make_credentials(certs)
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
+        + (f'root-certificates = "{certs / "ca.crt"}"\n' if secure else "insecure = true\n"))
+    link_security = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                      "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"] if secure
+                     else ["--insecure"])
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
@@ -82,12 +110,28 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes):
         processes.append(proc)
         return proc, log
 
-    link, link_log = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+    link, link_log = start("superlink", "flower-superlink", *link_security, "--host", "127.0.0.1",
                            "--port", str(link_port))
     wait_for_port(link_port, link, link_log)
+    if secure:  # a SuperNode whose key was never registered is refused
+        rogue, rogue_log = start("unregistered", "flower-supernode", "--superlink", f"127.0.0.1:{link_port}",
+                                 "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
+                                 str(certs / "unregistered_key"), "--port", str(free_port()), "--max-retries", "1")
+        deadline = time.time() + 60
+        while "Failed to activate SuperNode" not in rogue_log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        assert "Failed to activate SuperNode" in rogue_log.read_text(), rogue_log.read_text()[-3000:]
+        os.killpg(rogue.pid, signal.SIGTERM)
     for k in range(2):
+        node_security = ["--insecure"]
+        if secure:  # the SuperLink accepts only registered SuperNode keys
+            register = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / f"client_{k}_key.pub"),
+                                       "loopback"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert register.returncode == 0, register.stdout + register.stderr
+            node_security = ["--root-certificates", str(certs / "ca.crt"),
+                             "--auth-supernode-private-key", str(certs / f"client_{k}_key")]
         node_port = free_port()
-        node, node_log = start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink",
+        node, node_log = start(f"supernode{k}", "flower-supernode", *node_security, "--superlink",
                                f"127.0.0.1:{link_port}", "--port", str(node_port), "--node-config",
                                f'partition-id={k} num-partitions=2 data-path="{tmp_path / "partitions" / f"client_{k}"}"')
         wait_for_port(node_port, node, node_log)
