@@ -2,6 +2,7 @@
 # Set up (once), then run the whole chain on the bundled LibriSpeech slice with configs/demo.yaml:
 # partitions -> per-client k-means targets -> federated pretraining -> s3prl loads the best model.
 # Extra arguments (e.g. --set federation.num_rounds=3) go to every stage.
+set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
 CONFIG="${CONFIG:-configs/demo.yaml}"
 set -x

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # Set up (once) and run the whole test suite. Extra arguments go to pytest, e.g. ./run_tests.sh -k config
+set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
 exec python -m pytest -q "$@" tests

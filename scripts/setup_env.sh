@@ -1,30 +1,32 @@
-# Sourced by run_tests.sh and run_demo.sh: makes .venv (plain pip) when it is missing or older than
-# requirements.txt, installs espeak-ng when missing, and sets the environment every run needs.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
-STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+# Source this (run_tests.sh, run_demo.sh and run_pretraining.sh do): it makes .venv with plain pip
+# when it is missing or older than requirements.txt, installs espeak-ng when missing, and sets the
+# environment every run needs. Safe to source in an interactive shell: it changes no shell options.
+_FEDHUBERT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  echo "setup: installing the Python stack into .venv (a few minutes, once)"
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
-  echo "$WANT" > "$STAMP"
-fi
-
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing espeak-ng (synthetic speakers for the tests)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
-  else
-    echo "setup: espeak-ng not found; tests that synthesize speakers will be skipped" >&2
+(
+  set -euo pipefail
+  root="$_FEDHUBERT_ROOT"
+  venv="$root/.venv"
+  want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing the Python stack into .venv (a few minutes, once)"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
+    echo "$want" > "$venv/.requirements.sha256"
   fi
-fi
+  if ! command -v espeak-ng >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing espeak-ng (synthetic speakers for the tests)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+    else
+      echo "setup: espeak-ng not found; tests that synthesize speakers will be skipped" >&2
+    fi
+  fi
+) || { echo "setup: failed (see above)" >&2; return 1 2>/dev/null || exit 1; }
 
-export PATH="$VENV/bin:$PATH"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$_FEDHUBERT_ROOT/.venv/bin:$PATH"
+export PYTHONPATH="$_FEDHUBERT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-cd "$ROOT"
+cd "$_FEDHUBERT_ROOT"
