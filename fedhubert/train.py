@@ -8,32 +8,27 @@ its own. Every call is deterministic given its seed and leaves the caller's glob
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import random
-import re
-import resource
-import sys
-import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import psutil
 import torch
 
 from fedhubert.config import Config
 from fedhubert.data import Batch, derive_seed, synthetic_batch
 from fedhubert.errors import ConfigError, TrainingError
+from fedhubert.memory import (MiB, PeakMemory, batch_from_budget, largest_fitting, memory_budget, process_peak_mb,
+                              reset_rss_peak)
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Batch], Any]  # -> object with .loss and .metrics
 MAX_AUTO_BATCH = 64  # batch_size=auto never goes above this (larger batches change the optimisation)
 COUNT_KEYS = ("num_masked", "num_unmasked")  # summed over batches, not averaged
-MiB = 2**20
 
 
 # --- Devices, precision, seeding -------------------------------------------------------------------
@@ -91,79 +86,7 @@ def pretraining_loss(cfg: Config) -> LossFn:
     return loss_fn
 
 
-# --- Memory: peak measurement and batch_size=auto --------------------------------------------------
-
-class PeakMemory:
-    """Peak memory of a block, in bytes above its start: CUDA allocator peak, or on CPU the
-    process's resident-set high-water mark (Linux resets it via /proc/self/clear_refs; elsewhere a
-    sampling thread watches the RSS)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.start, self.peak_bytes, self._sampled = device, 0, 0, 0
-        self._stop, self._thread = threading.Event(), None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            return self
-        _trim_malloc()  # return freed heap pages, so reused pages do not hide new memory
-        self.start = psutil.Process().memory_info().rss
-        if not reset_rss_peak():
-            self._sampled = self.start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        proc = psutil.Process()
-        while not self._stop.wait(0.002):
-            self._sampled = max(self._sampled, proc.memory_info().rss)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._sampled, psutil.Process().memory_info().rss)
-        else:
-            peak = _vm_hwm_bytes()
-        self.peak_bytes = max(0, peak - self.start)
-
-
-def reset_rss_peak() -> bool:
-    """Resets the process's peak RSS (VmHWM) to its current RSS; False where Linux's
-    /proc/self/clear_refs is not available."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim_malloc() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def process_peak_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA max allocated, or the process's peak RSS (since the last reset)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MiB
-    with contextlib.suppress(OSError, AttributeError):
-        return _vm_hwm_bytes() / MiB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MiB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
+# --- batch_size=auto --------------------------------------------------
 
 @contextlib.contextmanager
 def _without_layerdrop(model: torch.nn.Module) -> Iterator[None]:
@@ -190,22 +113,6 @@ def _probe(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: L
             model.zero_grad(set_to_none=True)
             del batch
     return mem.peak_bytes
-
-
-def batch_from_budget(budget: float, fixed: float, per_sample: float, cap: int) -> int:
-    """Largest batch with ``fixed + per_sample * B <= budget``, clamped to [1, cap]."""
-    if per_sample <= 0:
-        return cap
-    return int(max(1, min(cap, (budget - fixed) // per_sample)))
-
-
-def memory_budget(cfg: Config, device: torch.device) -> float:
-    """Bytes for training: training.memory_budget_gb (GiB), else half the free memory."""
-    if cfg.training.memory_budget_gb > 0:
-        return cfg.training.memory_budget_gb * 2**30
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2
-    return psutil.virtual_memory().available / 2
 
 
 def resolve_batch_size(cfg: Config, model: torch.nn.Module, device: torch.device, *,
@@ -258,24 +165,6 @@ def _probe_cuda(model: torch.nn.Module, cfg: Config, device: torch.device, loss_
                     cfg.data.max_audio_length)
         return 1, peaks[1]
     return size, peaks[size] / size
-
-
-def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
-    """Largest b in [1, cap] with ``fits(b)`` for a monotone ``fits``: doubling, then bisecting the
-    last gap (about 2·log2(cap) calls). 0 when not even 1 fits."""
-    if not fits(1):
-        return 0
-    good, bad = 1, cap + 1  # fits(good) held; fits(bad) failed (cap + 1: never tried)
-    while good < cap:
-        trial = min(2 * good, cap)
-        if not fits(trial):
-            bad = trial
-            break
-        good = trial
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good
 
 
 # --- Training and evaluation -----------------------------------------------------------------------

@@ -13,8 +13,8 @@ from fedhubert.config import Config
 from fedhubert.data import make_loader
 from fedhubert.errors import ConfigError, TrainingError
 from fedhubert.model import HubertBase
-from fedhubert.train import (batch_from_budget, evaluate_local, largest_fitting, pretraining_loss,
-                             resolve_batch_size, resolve_device, train_local)
+from fedhubert.memory import batch_from_budget, largest_fitting
+from fedhubert.train import evaluate_local, pretraining_loss, resolve_batch_size, resolve_device, train_local
 from tests.test_data_loader import build_client, tiny_config
 
 CPU = torch.device("cpu")
