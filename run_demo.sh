@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Set up (once), then run the whole chain on the bundled LibriSpeech slice with configs/demo.yaml:
-# partitions -> per-client k-means targets -> federated pretraining -> s3prl loads the best model.
+# partitions -> per-client k-means targets -> federated pretraining -> s3prl loads the best model ->
+# federated distillation into a smaller student (configs/demo_distillation.yaml) -> s3prl loads it.
 # Extra arguments (e.g. --set federation.num_rounds=3) go to every stage.
 set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
 CONFIG="${CONFIG:-configs/demo.yaml}"
+DISTILLATION_CONFIG="${DISTILLATION_CONFIG:-configs/demo_distillation.yaml}"
 set -x
 python partition_data.py --config "$CONFIG" "$@"
 python generate_kmeans_targets.py --config "$CONFIG" "$@"
 python federated_hubert_pretraining.py --config "$CONFIG" "$@"
 python check_s3prl_load.py --config "$CONFIG" "$@"
+python federated_distillation.py --config "$DISTILLATION_CONFIG" "$@"
+python check_s3prl_load.py --config "$DISTILLATION_CONFIG" "$@" --student

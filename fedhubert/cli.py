@@ -26,6 +26,7 @@ def run_main(main: Callable[[], object]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; don't print twice
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database: a line per migration step
     try:
         main()
     except FedHubertError as exc:

@@ -135,6 +135,27 @@ class FederationConfig:
 
 
 @dataclass
+class DistillationConfig:
+    teacher_model_path: str = knob("checkpoints/pretraining/server/best_global_model.pt", "the teacher: a checkpoint written by run_pretraining.sh (or any s3prl HuBERT checkpoint for losses [hidden])")
+    teacher_heads_dir: str = knob("", "folder of the clients' pretraining heads (client_<k>/head_round_<r>.pt); empty = clients/ beside the teacher's server/ folder")
+    teacher_frozen: bool = knob(True, "the teacher is never updated (false is rejected: a trained teacher would need a federation of its own)")
+    losses: list[str] = knob(["logits", "hidden"], "losses to combine: logits (KD on masked frames + CE on the labels), hidden (DistilHuBERT layer prediction)", choices=("logits", "hidden"))
+    alpha: float = knob(0.5, "logits loss: alpha * T^2 * KL(softmax(teacher/T), softmax(student/T)) + (1 - alpha) * CE(student, labels)", low=0.0, high=1.0)
+    temperature: float = knob(2.0, "softmax temperature T of the KD term", low=1e-3)
+    hidden_weight: float = knob(1.0, "weight of the hidden loss next to the logits loss", low=0.0)
+    cos_weight: float = knob(1.0, "hidden loss: L1 + cos_weight * (-log sigmoid(cosine)), as DistilHuBERT", low=0.0)
+    target_layers: list[int] = knob([], "teacher layers (1 = first transformer layer) the hidden heads regress; empty = 1/3, 2/3 and all of the teacher's depth")
+    student_hidden_size: int = knob(384, "student transformer width", low=8)
+    student_num_layers: int = knob(6, "student transformer layers", low=1)
+    student_num_attention_heads: int = knob(6, "student attention heads (must divide student_hidden_size)", low=1)
+    student_intermediate_size: int = knob(1536, "student feed-forward width", low=1)
+    student_conv_dim: int = knob(0, "student CNN channels; 0 = the teacher's (required to copy the teacher's CNN)", low=0)
+    init_from_teacher: list[str] = knob(["cnn"], "what the student copies from the teacher: cnn (CNN encoder), layers (front end + every k-th transformer layer; widths must match)", choices=("cnn", "layers"))
+    num_rounds: int = knob(2, "federated distillation rounds", low=1)
+    checkpoint_dir: str = knob("checkpoints/distillation", "server/ and clients/ checkpoints, metrics and plots of the distillation")
+
+
+@dataclass
 class Config:
     seed: int = knob(42, "seed of partitioning, k-means, initialisation and training", low=0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +164,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def validate(self) -> "Config":
         """Checks that span keys (a single field's range is checked while loading)."""
@@ -160,7 +182,26 @@ class Config:
                                   f"({self.partition.num_clients})")
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
+        self._validate_distillation()
         return self
+
+    def _validate_distillation(self) -> None:
+        d = self.distillation
+        if not d.teacher_frozen:
+            raise ConfigError("distillation.teacher_frozen: false is not supported: the teacher is the federated "
+                              "global model, fixed during distillation (updating it would need its own federation)")
+        if not d.losses:
+            raise ConfigError("distillation.losses must name at least one loss (logits, hidden)")
+        if len(set(d.losses)) != len(d.losses):
+            raise ConfigError(f"distillation.losses lists a loss twice: {d.losses}")
+        if d.student_hidden_size % d.student_num_attention_heads:
+            raise ConfigError(f"distillation.student_num_attention_heads ({d.student_num_attention_heads}) must divide "
+                              f"distillation.student_hidden_size ({d.student_hidden_size})")
+        if d.student_hidden_size % self.model.conv_pos_groups:
+            raise ConfigError(f"model.conv_pos_groups ({self.model.conv_pos_groups}) must divide "
+                              f"distillation.student_hidden_size ({d.student_hidden_size})")
+        if any(layer < 1 for layer in d.target_layers):
+            raise ConfigError(f"distillation.target_layers are 1-based transformer layers, got {d.target_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML- and torch.load(weights_only=True)-safe)."""
@@ -192,7 +233,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value)]
+        item_meta = {"choices": meta.get("choices")}  # a list's choices constrain each item
+        return [_coerce(f"{key}[{i}]", v, item_tp, item_meta) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")

@@ -36,6 +36,15 @@ def fairseq_mask_prob(mask_prob: float, mask_length: int) -> float:
 
 
 @dataclasses.dataclass
+class EncoderOutput:
+    x: torch.Tensor                          # [B,T,H] output of the last layer (after the final norm)
+    hidden: list[torch.Tensor]               # the input of every layer + the output, when asked for
+    mask: torch.Tensor | None                # [B,T] frames replaced by mask_emb (None: no masking)
+    frame_padding: torch.Tensor | None       # [B,T] True = padding
+    penalty: torch.Tensor                    # mean squared CNN feature (HuBERT's feature penalty)
+
+
+@dataclasses.dataclass
 class PretrainOutput:
     loss: torch.Tensor  # scalar, normalised per masked frame (fairseq's hubert criterion)
     metrics: dict[str, float]
@@ -285,21 +294,9 @@ class HubertBase(nn.Module):
         window = count - F.pad(count, (self.mask_length, 0))[:, :frames]
         return (window > 0) & valid
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[N,H] -> [N,V] float32 cosine similarity to every label embedding / logit_temp (fairseq's
-        logits over [positive, all labels] with the positive's duplicate at -inf are the same softmax)."""
-        proj = self.final_proj(x)
-        with torch.autocast(device_type=proj.device.type, enabled=False):
-            a = F.normalize(proj.float(), dim=-1, eps=1e-8)
-            b = F.normalize(self.label_embs_concat.float(), dim=-1, eps=1e-8)
-            return a @ b.t() / self.cfg.logit_temp
-
-    def pretraining_step(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None, target_ids: torch.Tensor,
-                         masked_weight: float = 1.0, unmasked_weight: float = 0.0,
-                         feature_pen_weight: float = 10.0) -> PretrainOutput:
-        """Masked prediction loss of one batch; ``target_ids`` [B,T] = cluster id + 4, or -100 to ignore."""
-        x, frame_padding, penalty = self._front_end(waveforms, padding_mask)
-        B, T, _ = x.shape
+    def check_targets(self, target_ids: torch.Tensor, waveforms: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``target_ids`` as long on ``x``'s device, checked against the frames of ``x`` [B,T,H] and the vocabulary."""
+        B, T = x.shape[:2]
         if target_ids.shape != (B, T):
             raise ValueError(f"target_ids has shape {tuple(target_ids.shape)} but {waveforms.size(1)} samples give "
                              f"num_frames={num_frames(waveforms.size(1))} model frames: expected ({B}, {T})")
@@ -307,18 +304,46 @@ class HubertBase(nn.Module):
         labelled = target_ids != IGNORE_INDEX
         if bool(((target_ids < 0) | (target_ids >= self.cfg.vocab_size))[labelled].any()):
             raise ValueError(f"target_ids must be in [0, {self.cfg.vocab_size}) or {IGNORE_INDEX}")
+        return target_ids
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Prediction-head logits: [N,H] -> [N,V] float32 cosine similarity to every label embedding / logit_temp (fairseq's
+        logits over [positive, all labels] with the positive's duplicate at -inf are the same softmax)."""
+        proj = self.final_proj(x)
+        with torch.autocast(device_type=proj.device.type, enabled=False):
+            a = F.normalize(proj.float(), dim=-1, eps=1e-8)
+            b = F.normalize(self.label_embs_concat.float(), dim=-1, eps=1e-8)
+            return a @ b.t() / self.cfg.logit_temp
+
+    def encode(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None, *, mask: bool,
+               keep_hidden: bool = False) -> EncoderOutput:
+        """The training forward: front end, span masking (when ``mask``), Transformer. The frames of
+        ``output.mask`` saw ``mask_emb`` instead of their features."""
+        x, frame_padding, penalty = self._front_end(waveforms, padding_mask)
+        B, T, _ = x.shape
+        frame_mask = None
+        if mask:
+            frame_mask = self.sample_mask(B, T, frame_padding, x.device)
+            x = torch.where(frame_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        x, hidden = self.encoder(x, frame_padding, keep_hidden=keep_hidden, checkpointing=self.gradient_checkpointing)
+        return EncoderOutput(x, hidden, frame_mask, frame_padding, penalty)
+
+    def pretraining_step(self, waveforms: torch.Tensor, padding_mask: torch.Tensor | None, target_ids: torch.Tensor,
+                         masked_weight: float = 1.0, unmasked_weight: float = 0.0,
+                         feature_pen_weight: float = 10.0) -> PretrainOutput:
+        """Masked prediction loss of one batch; ``target_ids`` [B,T] = cluster id + 4, or -100 to ignore."""
+        out = self.encode(waveforms, padding_mask, mask=True)
+        x, mask, frame_padding, penalty = out.x, out.mask, out.frame_padding, out.penalty
+        target_ids = self.check_targets(target_ids, waveforms, x)
+        labelled = target_ids != IGNORE_INDEX
         if frame_padding is not None:
             labelled &= ~frame_padding
-
-        mask = self.sample_mask(B, T, frame_padding, x.device)
-        x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
-        x, _ = self.encoder(x, frame_padding, checkpointing=self.gradient_checkpointing)
 
         losses, stats = {}, {}
         for name, selected, weight in (("masked", mask & labelled, masked_weight),
                                        ("unmasked", ~mask & labelled, unmasked_weight)):
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):  # else metrics only
-                logits = self._logits(x[selected])
+                logits = self.logits(x[selected])
                 targets = target_ids[selected]
                 losses[name] = F.cross_entropy(logits, targets, reduction="sum")
             stats[name] = (int(targets.numel()), int((logits.argmax(-1) == targets).sum()))

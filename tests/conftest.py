@@ -163,3 +163,37 @@ def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
 def config_for() -> Callable[..., Config]:
     """``config_for(root, out, "k=v", ...)``: the project config pointed at a corpus and output dir."""
     return make_config
+
+
+# --- a tiny federation on the bundled corpus, shared by the federation and distillation tests ------------
+
+FEDERATION_SPEAKERS = ["1688", "1998", "2033", "2414", "2609", "3005"]
+
+
+@pytest.fixture(scope="session")
+def federated_partitions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(corpus root, partitions dir): 6 real speakers x 4 utterances in 3 clients, with k-means targets."""
+    from fedhubert.partition import partition_corpus
+    from fedhubert.targets import generate_targets
+
+    work = tmp_path_factory.mktemp("federation")
+    root = copy_corpus(work, speakers=FEDERATION_SPEAKERS, utts_per_speaker=4)
+    cfg = make_config(root, work / "partitions", *TINY)
+    partition_corpus(cfg)
+    generate_targets(cfg)
+    return root, work / "partitions"
+
+
+def fed_config(partitions: tuple[Path, Path], checkpoint_dir: Path, *overrides: str) -> Config:
+    """The tiny federation's config with its own checkpoint folder."""
+    root, parts = partitions
+    return make_config(root, parts, *TINY, f"federation.checkpoint_dir={checkpoint_dir}", *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining(federated_partitions, tmp_path_factory) -> tuple[Config, dict]:
+    """A 2-round federated pretraining of the tiny HuBERT (read-only by convention: copy to change)."""
+    from fedhubert.federation.simulation import run_federated_pretraining
+
+    cfg = fed_config(federated_partitions, tmp_path_factory.mktemp("run2") / "ckpt", "federation.num_rounds=2")
+    return cfg, run_federated_pretraining(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -121,14 +122,17 @@ def test_extends_layers_and_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def _yaml_keys_and_comments() -> dict[str, str | None]:
-    """Every ``section.key`` of pretraining_config.yaml with its trailing comment."""
+DISTILLATION_CONFIG = REPO / "configs" / "distillation_config.yaml"
+
+
+def _yaml_keys_and_comments(path: Path = BASE_CONFIG) -> dict[str, str | None]:
+    """Every ``section.key`` of a config file with its trailing comment."""
     found, section = {}, None
-    for line in BASE_CONFIG.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#") or line.startswith("extends:"):
             continue
         m = re.match(r"^( *)(\w+):\s*(.*?)\s*(?:#\s*(.*))?$", line)
-        assert m, f"unexpected line in {BASE_CONFIG.name}: {line!r}"
+        assert m, f"unexpected line in {path.name}: {line!r}"
         indent, name, value, comment = m.groups()
         if not indent and not value:
             section = name
@@ -138,7 +142,7 @@ def _yaml_keys_and_comments() -> dict[str, str | None]:
 
 
 def test_pretraining_config_lists_every_key_with_its_meaning():
-    described = {key: meaning for key, _, _, meaning in describe_keys()}
+    described = {key: meaning for key, _, _, meaning in describe_keys() if not key.startswith("distillation.")}
     in_yaml = _yaml_keys_and_comments()
     assert set(in_yaml) == set(described)
     assert {k: c for k, c in in_yaml.items() if c != described[k]} == {}
@@ -147,6 +151,31 @@ def test_pretraining_config_lists_every_key_with_its_meaning():
     flat |= {s for s, v in doc.items() if not isinstance(v, dict)}
     assert flat == set(described)  # the line parser above agrees with YAML
     load_config(BASE_CONFIG)
+
+
+def test_distillation_config_lists_every_distillation_key_with_its_default_and_meaning():
+    rows = {key: (default, meaning) for key, _, default, meaning in describe_keys() if key.startswith("distillation.")}
+    in_yaml = _yaml_keys_and_comments(DISTILLATION_CONFIG)
+    assert in_yaml == {key: meaning for key, (_, meaning) in rows.items()}
+    doc = yaml.safe_load(DISTILLATION_CONFIG.read_text())
+    assert doc["extends"] == "pretraining_config.yaml" and set(doc) == {"extends", "distillation"}
+    assert {f"distillation.{k}": v for k, v in doc["distillation"].items()} == {k: d for k, (d, _) in rows.items()}
+    cfg = load_config(DISTILLATION_CONFIG)
+    assert cfg.distillation.teacher_model_path == "checkpoints/pretraining/server/best_global_model.pt"
+    load_config(REPO / "configs" / "demo_distillation.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distillation.teacher_frozen=false", "teacher_frozen"),
+    ("distillation.losses=[logits,attention]", "distillation.losses[1]' must be one of logits, hidden"),
+    ("distillation.losses=[]", "distillation.losses must name"),
+    ("distillation.student_num_attention_heads=5", "student_num_attention_heads (5) must divide"),
+    ("distillation.target_layers=[0]", "1-based"),
+    ("distillation.alpha=1.5", "distillation.alpha"),
+])
+def test_distillation_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(override)
 
 
 def test_demo_config_loads_and_extends_the_base():

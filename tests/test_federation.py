@@ -13,35 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, copy_corpus, make_config
+from conftest import fed_config
 from fedhubert.config import Config
 from fedhubert.errors import FederationError
 from fedhubert.evaluate import check_s3prl_load
 from fedhubert.federation.simulation import run_federated_pretraining
 from fedhubert.federation.task import build_model, is_head_param, split_state
-from fedhubert.partition import partition_corpus
-from fedhubert.targets import generate_targets
-
-SPEAKERS = ["1688", "1998", "2033", "2414", "2609", "3005"]
-@pytest.fixture(scope="module")
-def partitions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("federation")
-    root = copy_corpus(work, speakers=SPEAKERS, utts_per_speaker=4)
-    cfg = make_config(root, work / "partitions", *TINY)
-    partition_corpus(cfg)
-    generate_targets(cfg)
-    return root, work / "partitions"
-
-
-def fed_config(partitions: tuple[Path, Path], checkpoint_dir: Path, *overrides: str) -> Config:
-    root, parts = partitions
-    return make_config(root, parts, *TINY, f"federation.checkpoint_dir={checkpoint_dir}", *overrides)
 
 
 @pytest.fixture(scope="module")
-def two_rounds(partitions, tmp_path_factory) -> tuple[Config, dict]:
-    cfg = fed_config(partitions, tmp_path_factory.mktemp("run2") / "ckpt", "federation.num_rounds=2")
-    return cfg, run_federated_pretraining(cfg)
+def partitions(federated_partitions) -> tuple[Path, Path]:
+    return federated_partitions
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_pretraining) -> tuple[Config, dict]:
+    return tiny_pretraining
 
 
 def read_history(cfg: Config) -> list[dict]:
@@ -147,3 +134,17 @@ def test_too_few_successful_clients_stop_the_run(partitions, tmp_path, faulty_cl
     server = tmp_path / "ckpt" / "server"
     assert sorted(p.name for p in server.glob("round_*.pt")) == ["round_0.pt"]
     torch.load(server / "round_0.pt", weights_only=True)  # the last good checkpoint is intact
+
+
+def test_a_client_keeps_the_head_of_the_best_round(tmp_path):
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedhubert.federation.client_app import HeadStore
+
+    store = HeadStore(tmp_path, SimpleNamespace(state=RecordDict()), keep=2, prefix="head")
+    for rnd in range(1, 6):
+        store.save(rnd, {"final_proj.weight": torch.full((2, 2), float(rnd))}, keep_round=2, targets_sha1="x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head_round_2.pt", "head_round_4.pt", "head_round_5.pt"]
+    assert float(store.latest(up_to=3)["final_proj.weight"][0, 0]) == 2.0  # read back from disk

@@ -1,13 +1,13 @@
-"""The ClientApp: local HuBERT training and validation on one client's partition.
+"""The ClientApp: local training and validation on one client's partition, for every federated task.
 
-A client receives the global encoder, puts its own prediction head on top (its k-means ids mean
-something on this client alone), trains, keeps the new head, and sends back the encoder only.
+A client receives the global weights, puts its own local weights on top (its prediction head: its
+k-means ids mean something on this client alone), trains with the task's loss, keeps the new local
+weights, and sends back the shared ones only. The message's config names the task (tasks.py).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -16,29 +16,26 @@ from flwr.clientapp import ClientApp
 
 from fedhubert.config import Config
 from fedhubert.data import derive_seed, make_loader, read_manifest
-from fedhubert.federation.task import (build_model, client_checkpoint_dir, client_data_dir, config_from_record,
-                                       decode_arrays, encode_arrays, load_encoder, split_state)
+from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, client_data_dir, config_from_record, decode_arrays,
+                                       encode_arrays, head_files, load_encoder, split_state, targets_fingerprint)
+from fedhubert.federation.tasks import FederatedTask, get_task
 from fedhubert.fileio import atomic_path
 from fedhubert.train import evaluate_local, resolve_batch_size, resolve_device, train_local
 
 log = logging.getLogger(__name__)
-HEAD_FILE = re.compile(r"head_round_(\d+)\.pt$")
 
 
 class HeadStore:
-    """The client's prediction head per round: in the node's persistent state (between rounds of a
-    run) and in ``<client checkpoint dir>/head_round_<r>.pt`` (across runs, for --resume)."""
+    """The client's local weights per round: in the node's persistent state (between rounds of a
+    run) and in ``<client checkpoint dir>/<prefix>_round_<r>.pt`` (across runs, for --resume, and for
+    a later stage: distillation's teacher uses the head of the best global model's round)."""
 
-    def __init__(self, folder: Path, context: Context, keep: int) -> None:
-        self.folder, self.state, self.keep = folder, context.state, keep
-
-    def _on_disk(self) -> list[tuple[int, Path]]:
-        return sorted((int(m.group(1)), p) for p in self.folder.glob("head_round_*.pt")
-                      if (m := HEAD_FILE.search(p.name)))
+    def __init__(self, folder: Path, context: Context, keep: int, prefix: str) -> None:
+        self.folder, self.state, self.keep, self.prefix = folder, context.state, keep, prefix
 
     def latest(self, up_to: int) -> dict[str, torch.Tensor] | None:
         """The newest head saved at a round <= ``up_to``; None means: use the seeded initial head."""
-        saved = [(rnd, path) for rnd, path in self._on_disk() if rnd <= up_to]
+        saved = [(rnd, path) for rnd, path in head_files(self.folder, self.prefix) if rnd <= up_to]
         if not saved:
             return None
         rnd, path = saved[-1]
@@ -46,40 +43,45 @@ class HeadStore:
             return self.state["head"].to_torch_state_dict()  # this run saved it: no need to read the file
         return torch.load(path, map_location="cpu", weights_only=True)["head"]
 
-    def save(self, rnd: int, head: dict[str, torch.Tensor]) -> None:
+    def save(self, rnd: int, head: dict[str, torch.Tensor], *, keep_round: int, targets_sha1: str) -> None:
+        """Writes round ``rnd``'s head; keeps the newest ``keep`` files and the one of ``keep_round``
+        (the best global model's round so far), deletes the others."""
         head = {k: v.detach().cpu().clone() for k, v in head.items()}
         self.state["head"] = ArrayRecord(head)
         self.state["head-meta"] = ConfigRecord({"round": rnd})
-        with atomic_path(self.folder / f"head_round_{rnd}.pt") as tmp:
-            torch.save({"round": rnd, "head": head}, tmp)
-        for _, old in self._on_disk()[:-self.keep]:
-            old.unlink(missing_ok=True)
+        with atomic_path(self.folder / f"{self.prefix}_round_{rnd}.pt") as tmp:
+            torch.save({"round": rnd, "head": head, "targets_sha1": targets_sha1}, tmp)
+        for old_round, old in head_files(self.folder, self.prefix)[:-self.keep]:
+            if old_round != keep_round:
+                old.unlink(missing_ok=True)
 
 
 def _prepare(msg: Message, context: Context, head_up_to_offset: int):
-    """Config, ids, paths and the model with the global encoder and this client's head."""
-    cfg: Config = config_from_record(msg.content["config"])
+    """Task, config, ids, paths and the model with the global weights and this client's local ones."""
+    record = msg.content["config"]
+    task: FederatedTask = get_task(str(record[TASK_KEY]))
+    cfg: Config = config_from_record(record)
     partition_id = int(context.node_config["partition-id"])
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(record["server-round"])
     torch.set_num_threads(max(1, int(cfg.federation.client_num_cpus)))
 
-    model = build_model(cfg)
-    load_encoder(model, decode_arrays(msg.content["arrays"]))
-    heads = HeadStore(client_checkpoint_dir(cfg, partition_id, context.node_config), context,
-                      cfg.federation.keep_last_checkpoints)
+    model = task.client_model(cfg, context.node_config)
+    load_encoder(model, decode_arrays(msg.content["arrays"]), task.is_local)
+    heads = HeadStore(task.client_dir(cfg, partition_id, context.node_config), context,
+                      cfg.federation.keep_last_checkpoints, task.head_prefix)
     head = heads.latest(up_to=server_round + head_up_to_offset)
     if head is not None:
         model.load_state_dict(head, strict=False)
     data_dir = client_data_dir(cfg, partition_id, context.node_config)
-    return cfg, partition_id, server_round, model, heads, data_dir
+    return task, cfg, partition_id, server_round, model, heads, data_dir
 
 
 def _batch_size(cfg: Config, model: torch.nn.Module, device: torch.device, context: Context,
-                data_dir: Path) -> int:
+                data_dir: Path, loss_fn) -> int:
     """cfg.training.batch_size, or for 'auto' the probed size, probed once per node and remembered."""
     if "batch" not in context.state:
         num_train = len(read_manifest(data_dir / "train.tsv")[1])
-        size = resolve_batch_size(cfg, model, device, num_examples=num_train)
+        size = resolve_batch_size(cfg, model, device, num_examples=num_train, loss_fn=loss_fn)
         context.state["batch"] = ConfigRecord({"size": size})
     return int(context.state["batch"]["size"])
 
@@ -97,15 +99,17 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     # The head this client trained last (round r - 1 or earlier); the encoder is this round's global one.
-    cfg, pid, rnd, model, heads, data_dir = _prepare(msg, context, head_up_to_offset=-1)
+    task, cfg, pid, rnd, model, heads, data_dir = _prepare(msg, context, head_up_to_offset=-1)
     device = resolve_device(cfg.training.device)
     seed = derive_seed(cfg.seed, rnd, pid)
-    loader = make_loader(data_dir, "train", cfg, batch_size=_batch_size(cfg, model, device, context, data_dir),
-                         seed=seed, train=True)
-    metrics = train_local(model, loader, cfg, device, seed=seed)
-    encoder, head = split_state(model)
-    heads.save(rnd, head)
-    content = RecordDict({"arrays": encode_arrays(encoder, cfg.federation.wire_dtype),
+    loss_fn = task.client_loss(cfg, pid, context.node_config, data_dir, device)
+    batch_size = _batch_size(cfg, model, device, context, data_dir, loss_fn)
+    loader = make_loader(data_dir, "train", cfg, batch_size=batch_size, seed=seed, train=True)
+    metrics = train_local(model, loader, cfg, device, seed=seed, loss_fn=loss_fn)
+    shared, local = split_state(model, task.is_local)
+    heads.save(rnd, local, keep_round=int(msg.content["config"].get(BEST_ROUND_KEY, -1)),
+               targets_sha1=targets_fingerprint(data_dir))
+    content = RecordDict({"arrays": encode_arrays(shared, cfg.federation.wire_dtype),
                           "metrics": _metrics(metrics, pid)})
     return Message(content=content, reply_to=msg)
 
@@ -113,9 +117,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     # Validation after round r uses the head trained in round r (or the newest before it).
-    cfg, pid, rnd, model, _, data_dir = _prepare(msg, context, head_up_to_offset=0)
+    task, cfg, pid, rnd, model, _, data_dir = _prepare(msg, context, head_up_to_offset=0)
     device = resolve_device(cfg.training.device)
-    loader = make_loader(data_dir, "valid", cfg, batch_size=_batch_size(cfg, model, device, context, data_dir),
-                         seed=cfg.seed, train=False)
-    metrics = evaluate_local(model, loader, cfg, device)
+    loss_fn = task.client_loss(cfg, pid, context.node_config, data_dir, device)
+    batch_size = _batch_size(cfg, model, device, context, data_dir, loss_fn)
+    loader = make_loader(data_dir, "valid", cfg, batch_size=batch_size, seed=cfg.seed, train=False)
+    metrics = evaluate_local(model, loader, cfg, device, loss_fn=loss_fn)
     return Message(content=RecordDict({"metrics": _metrics(metrics, pid)}), reply_to=msg)

@@ -13,6 +13,9 @@ from fedhubert.fileio import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 CURVES = (("loss", "loss"), ("masked_accuracy", "masked accuracy"), ("perplexity", "perplexity"))
+# validation figures of the distillation shown on the console line, when present
+DISTILLATION_FIGURES = (("masked_kd_loss", "kd"), ("masked_ce_loss", "ce"), ("hidden_loss", "hidden"),
+                        ("masked_agreement", "agree"))
 
 
 class RunMetrics:
@@ -20,8 +23,9 @@ class RunMetrics:
 
     The history is also stored in every checkpoint, so a resumed run rewrites the same files."""
 
-    def __init__(self, out_dir: Path, history: list[dict[str, Any]] | None = None) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, history: list[dict[str, Any]] | None = None,
+                 curves: tuple[tuple[str, str], ...] = CURVES) -> None:
+        self.out_dir, self.curves = out_dir, curves
         self.history: list[dict[str, Any]] = list(history or [])
         self._writer = None
 
@@ -57,8 +61,8 @@ class RunMetrics:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
-        fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-        for ax, (key, title) in zip(axes, CURVES):
+        fig, axes = plt.subplots(1, len(self.curves), figsize=(5 * len(self.curves), 3.6))
+        for ax, (key, title) in zip(axes, self.curves):
             for split, style in (("train", "o-"), ("val", "s--")):
                 points = [(r["round"], r[split][key]) for r in self.history if key in r.get(split, {})]
                 if points:
@@ -87,6 +91,9 @@ def progress_line(record: dict[str, Any]) -> str:
         parts.append(f"train loss {_fmt(train.get('loss'))} acc {_fmt(train.get('masked_accuracy'))}")
     if val:
         parts.append(f"val loss {_fmt(val.get('loss'))} acc {_fmt(val.get('masked_accuracy'))}")
+        extras = [f"{name} {_fmt(val[key])}" for key, name in DISTILLATION_FIGURES if key in val]
+        if extras:
+            parts.append(" ".join(extras))
     if "clients_sampled" in record:
         parts.append(f"clients {record['clients_succeeded']}/{record['clients_sampled']} ok")
     if "bytes_total" in record:

@@ -1,4 +1,5 @@
-"""The ServerApp: seeded global model, the FedAdam round loop, checkpoints, resume and metrics.
+"""The ServerApp: seeded global model, the FedAdam round loop, checkpoints, resume and metrics, for
+every federated task (pretraining, distillation: see tasks.py).
 
 The loop is written out here (rather than calling ``strategy.start``) so that it can resume at round
 r + 1, stop cleanly when too few clients succeed, and checkpoint after every round.
@@ -18,41 +19,44 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedhubert.checkpoint import export_huggingface, load_checkpoint, save_checkpoint
 from fedhubert.config import Config, load_config
 from fedhubert.errors import FederationError
 from fedhubert.federation.metrics import RunMetrics
 from fedhubert.federation.strategy import RobustFedAdam, RoundReport
-from fedhubert.federation.task import absolutize_paths, build_model, config_record, load_encoder, split_state
+from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, absolutize_paths, config_record, load_encoder,
+                                       split_state)
+from fedhubert.federation.tasks import FederatedTask, get_task
 
 log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
 
 
 class ServerCheckpoints:
-    """``<checkpoint_dir>/server/``: round_<r>.pt (last N kept), best_global_model.pt (+ _hf/)."""
+    """``<checkpoint_dir>/server/``: round_<r>.pt (last N kept), the best model (e.g.
+    best_global_model.pt) and its Hugging Face export (best_global_model_hf/)."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.dir = Path(cfg.federation.checkpoint_dir) / "server"
+    def __init__(self, cfg: Config, task: FederatedTask) -> None:
+        self.task, self.cfg = task, cfg
+        self.dir = task.checkpoint_dir(cfg) / "server"
         self.keep = cfg.federation.keep_last_checkpoints
-        self.best = self.dir / "best_global_model.pt"
+        self.best = self.dir / f"{task.best_name}.pt"
 
     def rounds(self) -> list[tuple[int, Path]]:
         found = [(int(m.group(1)), p) for p in self.dir.glob("round_*.pt") if (m := ROUND_FILE.search(p.name))]
         return sorted(found)
 
-    def save_round(self, rnd: int, model: torch.nn.Module, cfg: Config, **extras: Any) -> Path:
+    def save_round(self, rnd: int, model: torch.nn.Module, **extras: Any) -> Path:
         path = self.dir / f"round_{rnd}.pt"
-        save_checkpoint(path, model, cfg, round=rnd, **extras)
+        self.task.save(path, model, self.cfg, round=rnd, **extras)
         for _, old in self.rounds()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
 
 
-def encoder_record(model: torch.nn.Module) -> ArrayRecord:
-    """The global model's encoder as float32 arrays: what FedAdam optimizes."""
-    encoder, _ = split_state(model)
-    return ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in encoder.items()})
+def shared_record(model: torch.nn.Module, task: FederatedTask) -> ArrayRecord:
+    """The global model's shared weights as float32 arrays: what FedAdam optimizes."""
+    shared, _ = split_state(model, task.is_local)
+    return ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in shared.items()})
 
 
 def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: RoundReport | None,
@@ -74,41 +78,45 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
     return record
 
 
-def run_server(grid: Grid, cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Runs cfg.federation.num_rounds rounds (or the rest of them, with ``resume``)."""
+def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None) -> dict[str, Any]:
+    """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default."""
+    task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
-    ckpts = ServerCheckpoints(cfg)
-    model = build_model(cfg)
+    ckpts = ServerCheckpoints(cfg, task)
+    model = task.initial_model(cfg)
     strategy = RobustFedAdam(cfg)
-    metrics = RunMetrics(Path(cfg.federation.checkpoint_dir))
-    best_val, start = math.inf, 1
+    metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
+    best_val, best_round, start = math.inf, -1, 1
 
     if resume:
         if not ckpts.rounds():
             raise FederationError(f"--resume: no round_<r>.pt in {ckpts.dir}")
         last_round, path = ckpts.rounds()[-1]
-        saved_model, _, extras = load_checkpoint(path)
+        saved_model, extras = task.load(path, cfg)
         model.load_state_dict(saved_model.state_dict())
         strategy.load_state_dict(extras["strategy_state"])
-        metrics = RunMetrics(metrics.out_dir, extras["metrics_history"])
-        best_val, start = float(extras["best_val_loss"]), last_round + 1
+        metrics = RunMetrics(metrics.out_dir, extras["metrics_history"], curves=task.curves)
+        best_val, best_round = float(extras["best_val_loss"]), int(extras.get("best_round", -1))
+        start = last_round + 1
         log.info("resuming from %s at round %d", path, start)
 
-    arrays = encoder_record(model)
-    train_cfg = config_record(cfg)
+    def round_config():  # the whole config, the task, and the best round so far (clients keep its head)
+        return config_record(cfg, **{TASK_KEY: task.name, BEST_ROUND_KEY: best_round})
+
+    arrays = shared_record(model, task)
     if not metrics.history:  # round 0: the initial model on every client's validation split, the baseline
         random.seed(cfg.seed)
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, config_record(cfg), grid),
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
         val = strategy.aggregate_evaluate(0, replies)
         metrics.add(_round_record(0, None, val, None, strategy.evaluate_report, 0.0, cfg.federation.wire_dtype))
-        ckpts.save_round(0, model, cfg, strategy_state=strategy.state_dict(),
-                         metrics_history=metrics.history, best_val_loss=best_val)
+        ckpts.save_round(0, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
+                         best_val_loss=best_val, best_round=best_round)
 
-    for rnd in range(start, cfg.federation.num_rounds + 1):
+    for rnd in range(start, task.num_rounds(cfg) + 1):
         t0 = time.perf_counter()
         random.seed(cfg.seed * 100_003 + rnd)  # Flower samples clients with `random`: same rounds, same clients
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
         new_arrays, train = strategy.aggregate_train(rnd, replies)
         report = strategy.train_report
@@ -120,9 +128,9 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False) -> dict[str, Any]:
                 f"({'; '.join(f'{w}: {r}' for w, r in report.failed) or 'no replies'}); "
                 f"stopping. Last good checkpoint: {last}")
         arrays = new_arrays
-        load_encoder(model, {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()})
+        load_encoder(model, {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, task.is_local)
 
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config_record(cfg), grid),
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
         val = strategy.aggregate_evaluate(rnd, replies)
         metrics.add(_round_record(rnd, train, val, report, strategy.evaluate_report,
@@ -130,24 +138,27 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False) -> dict[str, Any]:
 
         val_loss = float(val["loss"]) if val and "loss" in val else math.inf
         improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        ckpts.save_round(rnd, model, cfg, strategy_state=strategy.state_dict(),
-                         metrics_history=metrics.history, best_val_loss=best_val)
         if improved:
-            save_checkpoint(ckpts.best, model, cfg, round=rnd, val_loss=val_loss)
-            log.info("round %d: new best global model (val loss %.4f) -> %s", rnd, val_loss, ckpts.best)
+            best_val, best_round = val_loss, rnd
+        ckpts.save_round(rnd, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
+                         best_val_loss=best_val, best_round=best_round)
+        if improved:
+            task.save(ckpts.best, model, cfg, round=rnd, val_loss=val_loss)
+            log.info("round %d: new best model (val loss %.4f) -> %s", rnd, val_loss, ckpts.best)
 
     metrics.close()
     metrics.plot()
     if ckpts.best.exists():
-        best_model, best_cfg, _ = load_checkpoint(ckpts.best)
-        export_huggingface(best_model, best_cfg, ckpts.dir / "best_global_model_hf")
-    return {"history": metrics.history, "best_val_loss": best_val, "checkpoint_dir": str(ckpts.dir)}
+        best_model, _ = task.load(ckpts.best, cfg)
+        task.export(best_model, cfg, ckpts.dir / f"{task.best_name}_hf")
+    return {"history": metrics.history, "best_val_loss": best_val, "best_round": best_round,
+            "checkpoint_dir": str(ckpts.dir)}
 
 
 # --- `flwr run` entry point ----------------------------------------------------------------------
 # pyproject.toml's [tool.flwr.app.config] carries `config` (a YAML path) and `overrides` (space-
-# separated section.key=value) and `resume`; `flwr run . --run-config '...'` changes them.
+# separated section.key=value), `resume` and `task` (pretraining or distillation); `flwr run .
+# --run-config '...'` changes them.
 app = ServerApp()
 
 
@@ -156,4 +167,5 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     overrides = str(run_config.get("overrides", "")).split()
     cfg = load_config(str(run_config.get("config", "configs/pretraining_config.yaml")), overrides)
-    run_server(grid, cfg, resume=bool(run_config.get("resume", False)))
+    run_server(grid, cfg, resume=bool(run_config.get("resume", False)),
+               task=get_task(str(run_config.get("task", "pretraining"))))

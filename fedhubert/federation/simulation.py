@@ -29,14 +29,28 @@ def check_partitions(cfg: Config) -> None:
 
 
 def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
-    """Trains ``cfg.partition.num_clients`` simulated clients for ``cfg.federation.num_rounds`` rounds.
+    """Trains ``cfg.partition.num_clients`` simulated clients for ``cfg.federation.num_rounds`` rounds."""
+    return run_federated("pretraining", cfg, resume=resume, client_app=client_app)
+
+
+def run_federated_distillation(cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+    """Distils ``cfg.distillation.teacher_model_path`` into a student for ``cfg.distillation.num_rounds`` rounds."""
+    return run_federated("distillation", cfg, resume=resume, client_app=client_app)
+
+
+def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+    """Runs one federated task as a simulation with ``cfg.partition.num_clients`` virtual SuperNodes.
 
     ``client_app`` replaces the project's ClientApp (tests use it to inject faulty clients)."""
+    from fedhubert.federation.tasks import get_task
+
+    task = get_task(task_name)
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     # Ray's worker processes import the apps: make the package importable there, wherever we run from.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     check_partitions(cfg)
+    task.preflight(cfg)  # e.g. the teacher and every client's teacher head, before anything is written
 
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -49,7 +63,7 @@ def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
-        result.update(run_server(grid, cfg, resume=resume))
+        result.update(run_server(grid, cfg, resume=resume, task=task))
 
     f = cfg.federation
     backend_config = {

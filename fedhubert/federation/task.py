@@ -1,14 +1,18 @@
 """What the ServerApp and the ClientApp share: which weights travel, how they are encoded on the wire,
 how the run's config travels with the messages, and where a client keeps its files.
 
-Only the encoder travels. Each client's k-means ids mean something on that client alone, so the
-prediction head (``final_proj`` and ``label_embs_concat``) is client state and is never averaged.
+Which weights stay on the client is a task's ``is_local`` (see tasks.py). In pretraining only the
+encoder travels: each client's k-means ids mean something on that client alone, so the prediction
+head (``final_proj`` and ``label_embs_concat``) is client state and is never averaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +23,8 @@ from fedhubert.errors import FederationError
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 
 CONFIG_KEY = "fedhubert-config"  # the run's Config as JSON, inside every message's ConfigRecord
+TASK_KEY = "fedhubert-task"      # which federated task (pretraining, distillation) a message is for
+BEST_ROUND_KEY = "best-round"    # the round of the best global model so far: clients keep its head
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -27,18 +33,20 @@ def is_head_param(name: str) -> bool:
     return name.startswith(HEAD_PARAM_PREFIXES)
 
 
-def split_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(encoder, head) halves of the model's state dict."""
-    encoder, head = {}, {}
+def split_state(model: torch.nn.Module, is_local: Callable[[str], bool] = is_head_param
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(shared, local) halves of the model's state dict: what travels and what stays on the client."""
+    shared, local = {}, {}
     for name, tensor in model.state_dict().items():
-        (head if is_head_param(name) else encoder)[name] = tensor
-    return encoder, head
+        (local if is_local(name) else shared)[name] = tensor
+    return shared, local
 
 
-def load_encoder(model: torch.nn.Module, encoder: dict[str, torch.Tensor]) -> None:
-    """Loads the encoder weights into ``model``, leaving its head as it is; any other mismatch is an error."""
-    missing, unexpected = model.load_state_dict(encoder, strict=False)
-    if unexpected or not all(is_head_param(k) for k in missing):
+def load_encoder(model: torch.nn.Module, shared: dict[str, torch.Tensor],
+                 is_local: Callable[[str], bool] = is_head_param) -> None:
+    """Loads the shared weights into ``model``, leaving its local ones as they are; any other mismatch is an error."""
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if unexpected or not all(is_local(k) for k in missing):
         raise FederationError(f"global arrays do not match the model: missing {missing}, unexpected {unexpected}")
 
 
@@ -98,11 +106,19 @@ def client_data_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
     return Path(cfg.data.partitions_dir) / f"client_{partition_id}"
 
 
-def client_checkpoint_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
-    """Where a client keeps its own prediction head between rounds and runs."""
+def client_checkpoint_dir(checkpoint_dir: str | Path, partition_id: int, node_config: dict) -> Path:
+    """Where a client keeps its own heads between rounds and runs: the node's ``checkpoint-path``
+    (deployment), else ``<checkpoint_dir>/clients/client_<k>`` of the run."""
     if node_config.get("checkpoint-path"):
         return Path(str(node_config["checkpoint-path"]))
-    return Path(cfg.federation.checkpoint_dir) / "clients" / f"client_{partition_id}"
+    return Path(checkpoint_dir) / "clients" / f"client_{partition_id}"
+
+
+def head_files(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    """(round, path) of every ``<prefix>_round_<r>.pt`` in ``folder``, oldest first."""
+    pattern = re.compile(rf"{re.escape(prefix)}_round_(\d+)\.pt")
+    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}_round_*.pt") if (m := pattern.fullmatch(p.name))]
+    return sorted(found)
 
 
 def absolutize_paths(cfg: Config) -> Config:
@@ -110,4 +126,19 @@ def absolutize_paths(cfg: Config) -> Config:
     cfg.data.librispeech_root = str(Path(cfg.data.librispeech_root).resolve())
     cfg.data.partitions_dir = str(Path(cfg.data.partitions_dir).resolve())
     cfg.federation.checkpoint_dir = str(Path(cfg.federation.checkpoint_dir).resolve())
+    d = cfg.distillation
+    d.teacher_model_path = str(Path(d.teacher_model_path).resolve())
+    d.checkpoint_dir = str(Path(d.checkpoint_dir).resolve())
+    if d.teacher_heads_dir:
+        d.teacher_heads_dir = str(Path(d.teacher_heads_dir).resolve())
     return cfg
+
+
+def targets_fingerprint(data_dir: Path) -> str:
+    """SHA-1 of a client's ``train.km``: a head trained on these labels records it, so that a later
+    stage can tell when the labels changed under it (re-run k-means: the head's ids mean other sounds)."""
+    digest = hashlib.sha1()
+    with open(data_dir / "train.km", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,222 @@
+"""The federated tasks: one Flower machinery (apps, strategy, checkpoints, resume, metrics), several
+stages plugged into it. A task says what the model is, which weights stay on the client, the local
+loss, where its files go and how its checkpoints are written; everything else is shared.
+
+- ``pretraining``: HuBERT masked prediction; the encoder travels, each client's prediction head stays.
+- ``distillation``: a student HuBERT learns from the frozen federated teacher; the student encoder and
+  the hidden-prediction heads travel, the student's prediction head stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhubert.checkpoint import export_huggingface, load_checkpoint, read_checkpoint, save_checkpoint
+from fedhubert.config import Config, config_from_dict
+from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init_from_teacher, student_config,
+                               target_layers)
+from fedhubert.errors import ConfigError, DataError
+from fedhubert.federation.task import (build_model, client_checkpoint_dir, head_files, is_head_param,
+                                       targets_fingerprint)
+from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
+from fedhubert.train import LossFn, pretraining_loss
+
+log = logging.getLogger(__name__)
+
+
+class FederatedTask:
+    """The pretraining task; DistillationTask overrides what differs."""
+    name = "pretraining"
+    best_name = "best_global_model"  # <checkpoint_dir>/server/<best_name>.pt and <best_name>_hf/
+    head_prefix = "head"             # a client's local weights: <client dir>/<head_prefix>_round_<r>.pt
+    curves = (("loss", "loss"), ("masked_accuracy", "masked accuracy"), ("perplexity", "perplexity"))
+
+    def checkpoint_dir(self, cfg: Config) -> Path:
+        return Path(cfg.federation.checkpoint_dir)
+
+    def num_rounds(self, cfg: Config) -> int:
+        return cfg.federation.num_rounds
+
+    def is_local(self, name: str) -> bool:
+        return is_head_param(name)
+
+    def preflight(self, cfg: Config) -> None:
+        """Checks what can be checked before anything is written (the simulation calls it)."""
+
+    def initial_model(self, cfg: Config) -> torch.nn.Module:
+        """The server's round-0 global model."""
+        return build_model(cfg)
+
+    def client_model(self, cfg: Config, node_config: dict) -> torch.nn.Module:
+        """The seeded model a client loads the global weights and its own head into."""
+        return build_model(cfg)
+
+    def client_loss(self, cfg: Config, partition_id: int, node_config: dict, data_dir: Path,
+                    device: torch.device) -> LossFn:
+        return pretraining_loss(cfg)
+
+    def client_dir(self, cfg: Config, partition_id: int, node_config: dict) -> Path:
+        return client_checkpoint_dir(self.checkpoint_dir(cfg), partition_id, node_config)
+
+    def save(self, path: Path, model: torch.nn.Module, cfg: Config, **extras: Any) -> None:
+        save_checkpoint(path, model, cfg, **extras)
+
+    def load(self, path: Path, cfg: Config) -> tuple[torch.nn.Module, dict[str, Any]]:
+        model, _, extras = load_checkpoint(path)
+        return model, extras
+
+    def export(self, model: torch.nn.Module, cfg: Config, folder: Path) -> None:
+        export_huggingface(model, cfg, folder)
+
+
+# --- distillation ------------------------------------------------------------------------------------
+
+def teacher_file(cfg: Config, node_config: dict) -> Path:
+    """The teacher checkpoint: the node's ``teacher-path`` (deployment), else distillation.teacher_model_path."""
+    path = Path(str(node_config.get("teacher-path") or cfg.distillation.teacher_model_path))
+    if not path.is_file():
+        raise DataError(f"teacher checkpoint not found: {path} (distillation.teacher_model_path): "
+                        "run ./run_pretraining.sh with the same config first")
+    return path
+
+
+def load_teacher(cfg: Config, node_config: dict) -> tuple[HubertBase, Config, dict[str, Any]]:
+    """The teacher checkpoint (weights_only), frozen; one-line DataError naming the file otherwise."""
+    teacher, teacher_cfg, extras = load_checkpoint(teacher_file(cfg, node_config))
+    return freeze(teacher), teacher_cfg, extras
+
+
+def teacher_config(cfg: Config, node_config: dict) -> Config:
+    """The teacher's saved config, without building the teacher."""
+    path = teacher_file(cfg, node_config)
+    state = read_checkpoint(path)
+    if "fedhubert_config" in state:
+        return config_from_dict(state["fedhubert_config"])
+    return load_checkpoint(path)[1]
+
+
+def teacher_head_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
+    """Where client k's pretraining heads are: the node's ``checkpoint-path`` (deployment: the same
+    folder its pretraining wrote), else ``<teacher_heads_dir>/client_<k>`` (default: the clients/
+    folder beside the teacher's server/ folder)."""
+    if node_config.get("checkpoint-path"):
+        return Path(str(node_config["checkpoint-path"]))
+    d = cfg.distillation
+    base = Path(d.teacher_heads_dir) if d.teacher_heads_dir else Path(d.teacher_model_path).parent.parent / "clients"
+    return base / f"client_{partition_id}"
+
+
+def teacher_head(cfg: Config, teacher: HubertBase, teacher_extras: dict, partition_id: int, node_config: dict,
+                 data_dir: Path) -> dict[str, torch.Tensor]:
+    """Client k's own prediction head from pretraining, of the teacher's round or the newest before it,
+    checked against the teacher's shapes and the client's current labels."""
+    source = cfg.distillation.teacher_model_path
+    if "round" not in teacher_extras:
+        raise DataError(f"{source} records no pretraining round, so no client head belongs to it: the logits "
+                        "loss needs a teacher from run_pretraining.sh (or set distillation.losses: [hidden])")
+    teacher_round = int(teacher_extras["round"])
+    folder = teacher_head_dir(cfg, partition_id, node_config)
+    saved = [(r, p) for r, p in head_files(folder, FederatedTask.head_prefix) if r <= teacher_round]
+    if not saved:
+        raise DataError(f"{folder}: no head_round_<r>.pt with r <= {teacher_round} (the teacher's round) for client "
+                        f"{partition_id}: run ./run_pretraining.sh first, or set distillation.teacher_heads_dir")
+    path = saved[-1][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = state["head"]
+    expected = {k: v.shape for k, v in teacher.state_dict().items() if k.startswith(HEAD_PARAM_PREFIXES)}
+    if {k: v.shape for k, v in head.items()} != expected:
+        raise DataError(f"{path}: head shapes {[tuple(v.shape) for v in head.values()]} do not match the teacher "
+                        f"{source} ({[tuple(s) for s in expected.values()]}): a head of another model")
+    recorded = state.get("targets_sha1")
+    if recorded is not None and recorded != targets_fingerprint(data_dir):
+        raise DataError(f"{data_dir / 'train.km'} changed since {path} was trained on it: the head's label ids no "
+                        "longer mean these labels; re-run ./run_pretraining.sh on the current targets")
+    return head
+
+
+class DistillationTask(FederatedTask):
+    name = "distillation"
+    best_name = "best_student_model"
+    head_prefix = "student_head"
+    curves = (("loss", "distillation loss"), ("masked_kd_loss", "KD loss"), ("hidden_loss", "hidden loss"),
+              ("masked_agreement", "student/teacher agreement"))
+
+    def checkpoint_dir(self, cfg: Config) -> Path:
+        return Path(cfg.distillation.checkpoint_dir)
+
+    def num_rounds(self, cfg: Config) -> int:
+        return cfg.distillation.num_rounds
+
+    def is_local(self, name: str) -> bool:
+        return DistillationModel.is_local(name)
+
+    def _build(self, cfg: Config, teacher_cfg: Config) -> DistillationModel:
+        self._check_vocabulary(cfg, teacher_cfg)
+        layers = target_layers(cfg, teacher_cfg.model.num_hidden_layers, cfg.distillation.teacher_model_path)
+        torch.manual_seed(cfg.seed)  # the server and every client build the same seeded student
+        return DistillationModel(student_config(cfg, teacher_cfg.model), teacher_cfg.model.hidden_size, layers)
+
+    @staticmethod
+    def _check_vocabulary(cfg: Config, teacher_cfg: Config) -> None:
+        if "logits" in cfg.distillation.losses and teacher_cfg.model.vocab_size != cfg.model.vocab_size:
+            raise DataError(f"{cfg.distillation.teacher_model_path} predicts {teacher_cfg.model.vocab_size} labels but "
+                            f"model.vocab_size is {cfg.model.vocab_size}: the teacher was trained on other targets; "
+                            "run ./run_pretraining.sh on these targets first")
+
+    def preflight(self, cfg: Config) -> None:
+        teacher, teacher_cfg, extras = load_teacher(cfg, {})
+        init_from_teacher(self._build(cfg, teacher_cfg), teacher, cfg.distillation.init_from_teacher)
+        if "logits" in cfg.distillation.losses:
+            for k in range(cfg.partition.num_clients):
+                teacher_head(cfg, teacher, extras, k, {}, Path(cfg.data.partitions_dir) / f"client_{k}")
+
+    def initial_model(self, cfg: Config) -> DistillationModel:
+        teacher, teacher_cfg, _ = load_teacher(cfg, {})
+        model = self._build(cfg, teacher_cfg)
+        copied = init_from_teacher(model, teacher, cfg.distillation.init_from_teacher)
+        params = sum(p.numel() for p in model.student.parameters())
+        log.info("student: %.2f M parameters (teacher %.2f M); copied from the teacher: %s", params / 1e6,
+                 sum(p.numel() for p in teacher.parameters()) / 1e6, ", ".join(copied) or "nothing")
+        return model
+
+    def client_model(self, cfg: Config, node_config: dict) -> DistillationModel:
+        return self._build(cfg, teacher_config(cfg, node_config))
+
+    def client_loss(self, cfg: Config, partition_id: int, node_config: dict, data_dir: Path,
+                    device: torch.device) -> LossFn:
+        teacher, teacher_cfg, extras = load_teacher(cfg, node_config)
+        if "logits" in cfg.distillation.losses:
+            teacher.load_state_dict(teacher_head(cfg, teacher, extras, partition_id, node_config, data_dir),
+                                    strict=False)
+        return DistillationLoss(teacher.to(device), student_config(cfg, teacher_cfg.model))
+
+    def save(self, path: Path, model: DistillationModel, cfg: Config, **extras: Any) -> None:
+        save_checkpoint(path, model.student, cfg, hidden_heads=model.heads_state(),
+                        target_layers=list(model.target_layers),
+                        teacher_model_path=cfg.distillation.teacher_model_path, **extras)
+
+    def load(self, path: Path, cfg: Config) -> tuple[DistillationModel, dict[str, Any]]:
+        student, _, extras = load_checkpoint(path)
+        model = self.client_model(cfg, {})
+        if list(extras.get("target_layers", [])) != model.target_layers:
+            raise ConfigError(f"{path} was trained for teacher layers {extras.get('target_layers')}, the config asks "
+                              f"for {model.target_layers} (distillation.target_layers)")
+        model.student.load_state_dict(student.state_dict())
+        model.hidden_heads.load_state_dict(extras.pop("hidden_heads"))
+        return model, extras
+
+    def export(self, model: DistillationModel, cfg: Config, folder: Path) -> None:
+        export_huggingface(model.student, cfg, folder)
+
+
+TASKS: dict[str, FederatedTask] = {task.name: task for task in (FederatedTask(), DistillationTask())}
+
+
+def get_task(name: str) -> FederatedTask:
+    if name not in TASKS:
+        raise ConfigError(f"unknown federated task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
