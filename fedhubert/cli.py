@@ -32,3 +32,14 @@ def run_main(main: Callable[[], object]) -> None:
     except FedHubertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def federated_main(task: str, description: str, default_config: str) -> None:
+    """The federated stages' command line: --config, --set, --resume; runs ``task`` as a simulation."""
+    parser = parser_with_config(description)
+    parser.set_defaults(config=default_config)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest round_<r>.pt of the task's checkpoint folder at round r+1")
+    args = parser.parse_args()
+    from fedhubert.federation.simulation import run_federated  # imports Flower: only once the flags are fine
+    run_federated(task, config_from_args(args), resume=args.resume)

@@ -61,6 +61,7 @@ class PartitionConfig:
     num_clients: int = knob(3, "number of federated clients", low=1)
     valid_fraction: float = knob(0.1, "share of each client's utterances held out for validation", low=0.0, high=0.9)
     dirichlet_alpha: float = knob(0.5, "Dirichlet concentration for method=dirichlet (small = more skew)", low=1e-6)
+    heldout_per_speaker: int = knob(0, "utterances per speaker kept out of every client for evaluation (heldout.tsv)", low=0)
 
 
 @dataclass
@@ -156,6 +157,18 @@ class DistillationConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    output_dir: str = knob("evaluation", "evaluation.json/.md/.png, the baselines' checkpoints and caches")
+    rows: list[str] = knob(["federated", "centralized", "student", "random-init", "mfcc"], "models in the table (student: when distillation has run)", choices=("federated", "centralized", "student", "random-init", "mfcc"))
+    segment_seconds: float = knob(2.0, "speaker probes: held-out utterances are cut into segments of this length", low=0.1)
+    keywords: list[str] = knob(["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"], "words of the espeak-ng keyword probe")
+    keyword_voices: int = knob(16, "espeak-ng voices speaking the keywords", low=2)
+    keyword_test_voices: int = knob(4, "of them, voices the keyword classifier never trains on", low=1)
+    keyword_rates: list[int] = knob([140, 180], "espeak-ng speaking rates (words per minute) of every voice")
+    alignments: str = knob("", "frame-level phone alignment file (uid<TAB>p1,p2,... at 100 Hz) for PNMI and purity; empty = none")
+
+
+@dataclass
 class Config:
     seed: int = knob(42, "seed of partitioning, k-means, initialisation and training", low=0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +178,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> "Config":
         """Checks that span keys (a single field's range is checked while loading)."""
@@ -183,6 +197,12 @@ class Config:
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
         self._validate_distillation()
+        e = self.evaluation
+        if e.keyword_test_voices >= e.keyword_voices:
+            raise ConfigError(f"evaluation.keyword_test_voices ({e.keyword_test_voices}) must be below "
+                              f"evaluation.keyword_voices ({e.keyword_voices}): some voices must train the probe")
+        if len(set(e.keywords)) < 2:
+            raise ConfigError("evaluation.keywords must hold at least two different words")
         return self
 
     def _validate_distillation(self) -> None:

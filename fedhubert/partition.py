@@ -9,6 +9,10 @@ Methods (``partition.method``):
 Each client then holds out ``valid_fraction`` of its own utterances (at least one when it has two or
 more), spread over its speakers, as its validation split.
 
+Before any of this, ``heldout_per_speaker`` utterances of every speaker (never all of a speaker's) are
+set aside in ``heldout.tsv``/``heldout.csv``: no client trains or validates on them, so the evaluation's
+speaker probes can test every model on speech it never saw, from speakers it did see.
+
 Everything is computed and checked before the first file is written; each file is written atomically.
 """
 
@@ -25,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from fedhubert.config import Config
+from fedhubert.data import derive_seed
 from fedhubert.errors import ConfigError
 from fedhubert.fileio import atomic_open, atomic_path, atomic_write_text
 from fedhubert.librispeech import CSV_COLUMNS, REJECT_COLUMNS, Utterance, scan_corpus
@@ -106,6 +111,18 @@ def assign_clients(rows: Sequence[Utterance], cfg: Config) -> list[list[int]]:
             raise ConfigError(f"client {k} got no utterances with partition.method {p.method}; "
                               f"lower partition.num_clients ({p.num_clients})")
     return [sorted(idx) for idx in clients]
+
+
+def split_heldout(rows: Sequence[Utterance], per_speaker: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """(kept, held out) row indices: ``per_speaker`` random utterances of each speaker held out,
+    leaving at least one per speaker for the clients."""
+    held: list[int] = []
+    for speaker, idx in sorted(_by_speaker(rows).items()):
+        take = min(per_speaker, len(idx) - 1)
+        if take > 0:
+            held += [int(i) for i in rng.choice(idx, size=take, replace=False)]
+    held_set = set(held)
+    return [i for i in range(len(rows)) if i not in held_set], sorted(held)
 
 
 def split_valid(rows: Sequence[Utterance], idx: Sequence[int], fraction: float,
@@ -216,7 +233,9 @@ def partition_corpus(cfg: Config) -> dict:
     out = Path(d.partitions_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"data.partitions_dir {out} exists and is not a folder")
-    rows, rejects = scan_corpus(root, d.subsets, d.sample_rate, d.min_audio_length, d.scan_workers)
+    all_rows, rejects = scan_corpus(root, d.subsets, d.sample_rate, d.min_audio_length, d.scan_workers)
+    kept, held = split_heldout(all_rows, p.heldout_per_speaker, np.random.default_rng(derive_seed(cfg.seed, "heldout")))
+    rows, heldout = [all_rows[i] for i in kept], [all_rows[i] for i in held]
     clients = assign_clients(rows, cfg)
     splits = []
     for k, idx in enumerate(clients):
@@ -230,13 +249,17 @@ def partition_corpus(cfg: Config) -> dict:
         "valid_fraction": p.valid_fraction, "sample_rate": d.sample_rate, "librispeech_root": str(root),
         "subsets": sorted({r.subset for r in rows}), "hours": _hours(rows), "utterances": len(rows),
         "speakers": len({r.speaker for r in rows}), "rejected": len(rejects), "clients": summaries,
+        "heldout_per_speaker": p.heldout_per_speaker, "heldout_utterances": len(heldout),
+        "heldout_hours": _hours(heldout),
     }
     tsvs = {client_dir(out, k) / f"{split}.tsv": tsv_text(root, s[split])
             for k, s in enumerate(splits) for split in SPLITS}
+    tsvs[out / "heldout.tsv"] = tsv_text(root, heldout)
 
     # All checks passed: from here on only writes.
     _clear_stale(out, p.num_clients, tsvs)
-    write_csv(out / "manifest.csv", CSV_COLUMNS, rows)
+    write_csv(out / "manifest.csv", CSV_COLUMNS, all_rows)
+    write_csv(out / "heldout.csv", CSV_COLUMNS, heldout)
     write_csv(out / "rejects.csv", REJECT_COLUMNS, rejects)
     for k, s in enumerate(splits):
         for split in SPLITS:
@@ -249,6 +272,7 @@ def partition_corpus(cfg: Config) -> dict:
     for c in summaries:
         log.info("client_%d: %.3f h, %d utterances (%d valid), %d speakers %s", c["client"], c["hours"],
                  c["utterances"], c["valid"]["utterances"], c["speakers"], c["speakers_by_sex"])
-    log.info("wrote %s (%d utterances, %d rejected)", out, len(rows), len(rejects))
+    log.info("wrote %s (%d utterances, %d held out for evaluation, %d rejected)", out, len(all_rows), len(heldout),
+             len(rejects))
     return summary
 

@@ -172,13 +172,14 @@ FEDERATION_SPEAKERS = ["1688", "1998", "2033", "2414", "2609", "3005"]
 
 @pytest.fixture(scope="session")
 def federated_partitions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(corpus root, partitions dir): 6 real speakers x 4 utterances in 3 clients, with k-means targets."""
+    """(corpus root, partitions dir): 6 real speakers x 4 utterances, 2 of each held out for the
+    evaluation, the rest in 3 clients, with k-means targets."""
     from fedhubert.partition import partition_corpus
     from fedhubert.targets import generate_targets
 
     work = tmp_path_factory.mktemp("federation")
     root = copy_corpus(work, speakers=FEDERATION_SPEAKERS, utts_per_speaker=4)
-    cfg = make_config(root, work / "partitions", *TINY)
+    cfg = make_config(root, work / "partitions", *TINY, "partition.heldout_per_speaker=2")
     partition_corpus(cfg)
     generate_targets(cfg)
     return root, work / "partitions"
@@ -197,3 +198,31 @@ def tiny_pretraining(federated_partitions, tmp_path_factory) -> tuple[Config, di
 
     cfg = fed_config(federated_partitions, tmp_path_factory.mktemp("run2") / "ckpt", "federation.num_rounds=2")
     return cfg, run_federated_pretraining(cfg)
+
+
+DISTILL_STUDENT = ["distillation.student_hidden_size=16", "distillation.student_num_layers=1",
+                   "distillation.student_num_attention_heads=2", "distillation.student_intermediate_size=32"]
+
+
+def teacher_path(tiny_pretraining) -> Path:
+    return Path(tiny_pretraining[0].federation.checkpoint_dir) / "server" / "best_global_model.pt"
+
+
+def distill_config(federated_partitions, tiny_pretraining, checkpoint_dir: Path, *overrides: str) -> Config:
+    """The tiny federation's distillation config: a 16-wide student of the tiny pretraining's best model."""
+    return fed_config(federated_partitions, tiny_pretraining[0].federation.checkpoint_dir, *DISTILL_STUDENT,
+                      f"distillation.teacher_model_path={teacher_path(tiny_pretraining)}",
+                      f"distillation.checkpoint_dir={checkpoint_dir}", *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_distillation(federated_partitions, tiny_pretraining, tmp_path_factory):
+    """(config, result, (teacher sha1, teacher weights) before the run) of a 2-round distillation."""
+    import hashlib
+
+    from fedhubert.federation.simulation import run_federated_distillation
+
+    cfg = distill_config(federated_partitions, tiny_pretraining, tmp_path_factory.mktemp("distill") / "ckpt")
+    teacher = teacher_path(tiny_pretraining)
+    before = hashlib.sha1(teacher.read_bytes()).hexdigest(), torch.load(teacher, weights_only=True)["model_weight"]
+    return cfg, run_federated_distillation(cfg), before

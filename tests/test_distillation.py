@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, fed_config
+from conftest import DISTILL_STUDENT, REPO, TINY, distill_config, teacher_path
 from fedhubert.config import Config, load_config
 from fedhubert.distill import (DistillationModel, default_target_layers, hidden_loss, init_from_teacher, kd_loss,
                                layer_map, logits_loss, student_config)
@@ -24,8 +24,7 @@ from fedhubert.federation.simulation import run_federated_distillation
 from fedhubert.federation.tasks import DistillationTask, teacher_head
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 
-STUDENT = ["distillation.student_hidden_size=16", "distillation.student_num_layers=1",
-           "distillation.student_num_attention_heads=2", "distillation.student_intermediate_size=32"]
+STUDENT = DISTILL_STUDENT
 CPU = torch.device("cpu")
 
 
@@ -130,16 +129,6 @@ def test_student_sizes_match_the_published_models():
 
 # --- the teacher's heads -----------------------------------------------------------------------------
 
-def teacher_path(tiny_pretraining) -> Path:
-    return Path(tiny_pretraining[0].federation.checkpoint_dir) / "server" / "best_global_model.pt"
-
-
-def distill_config(federated_partitions, tiny_pretraining, checkpoint_dir: Path, *overrides: str) -> Config:
-    return fed_config(federated_partitions, tiny_pretraining[0].federation.checkpoint_dir, *STUDENT,
-                      f"distillation.teacher_model_path={teacher_path(tiny_pretraining)}",
-                      f"distillation.checkpoint_dir={checkpoint_dir}", *overrides)
-
-
 def test_each_client_distils_with_its_own_pretrained_head(federated_partitions, tiny_pretraining, tmp_path):
     cfg = distill_config(federated_partitions, tiny_pretraining, tmp_path / "distill")
     best_round = tiny_pretraining[1]["best_round"]
@@ -176,12 +165,8 @@ def sha1(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def distilled(federated_partitions, tiny_pretraining, tmp_path_factory):
-    cfg = distill_config(federated_partitions, tiny_pretraining, tmp_path_factory.mktemp("distill") / "ckpt")
-    teacher = teacher_path(tiny_pretraining)
-    before = sha1(teacher), torch.load(teacher, weights_only=True)["model_weight"]
-    result = run_federated_distillation(cfg)
-    return cfg, result, before
+def distilled(tiny_distillation):
+    return tiny_distillation
 
 
 def test_two_rounds_write_the_outputs_and_lower_the_distillation_loss(distilled, tiny_pretraining):

@@ -125,8 +125,18 @@ def test_same_seed_same_bytes_and_seed_matters(bundled_copy, tmp_path, config_fo
         partition_corpus(config_for(bundled_copy, out, "partition.method=iid", *extra))
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tsv"))}
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
-    assert a == b and len(a) == 6
+    assert a == b and len(a) == 7  # 3 clients x (train, valid) + heldout.tsv
     assert run(tmp_path / "c", "seed=7") != a
+
+
+def test_heldout_utterances_leave_every_speaker_some_training_speech(bundled_copy, tmp_path, config_for):
+    out = tmp_path / "p"
+    summary = partition_corpus(config_for(bundled_copy, out, "partition.heldout_per_speaker=9"))
+    held = list(csv.DictReader(open(out / "heldout.csv")))
+    assert len(held) == summary["heldout_utterances"] == 10 * 9  # 9 of 10 per speaker: one stays
+    in_clients = [r for k in range(3) for split in ("train", "valid") for r in client_rows(out, k, split)]
+    assert {r["speaker"] for r in in_clients} == {r["speaker"] for r in held}
+    assert not {r["utt_id"] for r in held} & {r["utt_id"] for r in in_clients}
 
 
 def test_iid_spreads_speakers_and_balances_counts(bundled_copy, tmp_path, config_for):

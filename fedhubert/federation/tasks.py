@@ -110,6 +110,14 @@ def teacher_head_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
     return base / f"client_{partition_id}"
 
 
+def saved_head(folder: Path, prefix: str, up_to_round: int) -> tuple[Path, dict[str, Any]] | None:
+    """(path, contents) of the newest ``<prefix>_round_<r>.pt`` in ``folder`` with r <= ``up_to_round``."""
+    saved = [(r, p) for r, p in head_files(folder, prefix) if r <= up_to_round]
+    if not saved:
+        return None
+    return saved[-1][1], torch.load(saved[-1][1], map_location="cpu", weights_only=True)
+
+
 def teacher_head(cfg: Config, teacher: HubertBase, teacher_extras: dict, partition_id: int, node_config: dict,
                  data_dir: Path) -> dict[str, torch.Tensor]:
     """Client k's own prediction head from pretraining, of the teacher's round or the newest before it,
@@ -120,12 +128,11 @@ def teacher_head(cfg: Config, teacher: HubertBase, teacher_extras: dict, partiti
                         "loss needs a teacher from run_pretraining.sh (or set distillation.losses: [hidden])")
     teacher_round = int(teacher_extras["round"])
     folder = teacher_head_dir(cfg, partition_id, node_config)
-    saved = [(r, p) for r, p in head_files(folder, FederatedTask.head_prefix) if r <= teacher_round]
-    if not saved:
+    found = saved_head(folder, FederatedTask.head_prefix, teacher_round)
+    if found is None:
         raise DataError(f"{folder}: no head_round_<r>.pt with r <= {teacher_round} (the teacher's round) for client "
                         f"{partition_id}: run ./run_pretraining.sh first, or set distillation.teacher_heads_dir")
-    path = saved[-1][1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path, state = found
     head = state["head"]
     expected = {k: v.shape for k, v in teacher.state_dict().items() if k.startswith(HEAD_PARAM_PREFIXES)}
     if {k: v.shape for k, v in head.items()} != expected:

@@ -1,0 +1,127 @@
+"""The evaluation's ``centralized`` row: what federation costs. The same model, config, optimizer and
+schedule, trained by our own local training loop on the pooled training data of all clients, for the
+same total number of optimizer steps x batch as the federated run (read from its metrics.jsonl).
+
+Pooling the data also pools the targets: one k-means on the pooled training frames (what a
+centralized HuBERT does), instead of one per client. The model starts from the same seeded
+initialisation as the federated run's round 0. Its checkpoint is cached under the evaluation folder
+and reused while the config, the budget and the pooled data stay the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedhubert.checkpoint import read_checkpoint, save_checkpoint
+from fedhubert.config import Config, config_from_dict
+from fedhubert.data import derive_seed, make_loader, read_manifest
+from fedhubert.errors import DataError
+from fedhubert.federation.task import build_model
+from fedhubert.fileio import atomic_write_text
+from fedhubert.partition import SPLITS
+from fedhubert.train import resolve_device, train_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    """Training compute of a federated run: optimizer steps and crops seen, over all rounds and clients."""
+    steps: int
+    examples: int
+
+    @property
+    def batch_size(self) -> int:
+        return max(1, round(self.examples / self.steps)) if self.steps else 0
+
+
+def federated_budget(metrics_jsonl: Path) -> Budget:
+    """Steps and examples summed over every client of every training round of ``metrics.jsonl``."""
+    if not metrics_jsonl.is_file():
+        raise DataError(f"{metrics_jsonl} not found: run the federated stage with the same config first")
+    steps = examples = 0
+    for line in metrics_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        for client in record.get("client_train", {}).values():
+            steps += int(client.get("steps", 0))
+            examples += int(client.get("num-examples", 0))
+    return Budget(steps, examples)
+
+
+def pool_clients(cfg: Config, out: Path) -> Path:
+    """``out/client_0/{train,valid}.tsv``: every client's split concatenated (one shared audio root)."""
+    parts, target = Path(cfg.data.partitions_dir), out / "client_0"
+    for split in SPLITS:
+        roots, lines = set(), []
+        for k in range(cfg.partition.num_clients):
+            tsv = parts / f"client_{k}" / f"{split}.tsv"
+            root, paths, sizes = read_manifest(tsv)
+            roots.add(str(root))
+            lines += [f"{p}\t{n}" for p, n in zip(paths, sizes)]
+        if len(roots) != 1:
+            raise DataError(f"the clients' {split}.tsv files under {parts} name different audio roots {sorted(roots)}; "
+                            "the centralized baseline needs the corpus in one place")
+        text = "\n".join([roots.pop(), *lines]) + "\n"
+        path = target / f"{split}.tsv"
+        if not path.is_file() or path.read_text() != text:  # unchanged manifests keep their targets
+            for stale in ("train.km", "valid.km", "kmeans.joblib"):
+                (target / stale).unlink(missing_ok=True)
+            atomic_write_text(path, text)
+    return target
+
+
+def _fingerprint(cfg: Config, budget: Budget, pooled: Path) -> str:
+    keys = {name: cfg.to_dict()[name] for name in ("seed", "data", "kmeans", "model", "training")}
+    keys["budget"] = [budget.steps, budget.batch_size]
+    keys["manifests"] = [(pooled / f"{s}.tsv").read_text() for s in SPLITS]
+    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def pooled_config(cfg: Config, pooled_parts: Path) -> Config:
+    """``cfg`` pointed at the pooled partition (one client)."""
+    values = cfg.to_dict()
+    values["data"]["partitions_dir"] = str(pooled_parts)
+    values["partition"]["num_clients"] = 1
+    for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+        values["federation"][key] = 1
+    return config_from_dict(values)
+
+
+def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, info) of the centralized model for ``budget``; trained unless cached."""
+    from fedhubert.targets import MfccFeatures, client_targets, single_torch_thread
+
+    if budget.steps == 0:
+        raise DataError("the federated run records no training steps: nothing to match")
+    parts = out_dir / "partitions"
+    pooled = pool_clients(cfg, parts)
+    pcfg = pooled_config(cfg, parts)
+    checkpoint = out_dir / "model.pt"
+    fingerprint = _fingerprint(pcfg, budget, pooled)
+    if checkpoint.is_file() and read_checkpoint(checkpoint).get("fingerprint") == fingerprint:
+        log.info("centralized: reusing %s (same config, budget and data)", checkpoint)
+        return checkpoint, read_checkpoint(checkpoint)["info"]
+    if not (pooled / "train.km").is_file():
+        with single_torch_thread():
+            client_targets(pcfg, 0, MfccFeatures(pcfg))
+
+    batch = budget.batch_size
+    seed = derive_seed(cfg.seed, "centralized")
+    loader = make_loader(pooled, "train", pcfg, batch_size=batch, seed=seed, train=True)
+    pcfg.training.max_local_steps = budget.steps
+    pcfg.training.local_epochs = math.ceil(budget.steps / len(loader))
+    model = build_model(cfg)  # the federated run's round-0 model
+    log.info("centralized: %d steps of batch %d on %d pooled utterances (the federated budget)",
+             budget.steps, batch, len(loader.dataset))
+    metrics = train_local(model, loader, pcfg, resolve_device(cfg.training.device), seed=seed)
+    info = {"steps": int(metrics["steps"]), "examples": int(metrics["num_examples"]), "batch_size": batch,
+            "train_loss": metrics["loss"], "train_masked_accuracy": metrics["masked_accuracy"],
+            "train_time_s": metrics["train_time_s"]}
+    save_checkpoint(checkpoint, model, pcfg, fingerprint=fingerprint, info=info)
+    return checkpoint, info
