@@ -1,6 +1,8 @@
 """The evaluation's ``centralized`` row: what federation costs. The same model, config, optimizer and
 schedule, trained by our own local training loop on the pooled training data of all clients, for the
-same total number of optimizer steps x batch as the federated run (read from its metrics.jsonl).
+same total number of optimizer steps x batch as the federated run (read from its metrics.jsonl), in
+the same segments (one per federated round, a fresh AdamW each, as every client starts each round),
+with the pooled validation masked accuracy after each: the learning curve against compute.
 
 Pooling the data also pools the targets: one k-means on the pooled training frames (what a
 centralized HuBERT does), instead of one per client. The model starts from the same seeded
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedhubert.checkpoint import read_checkpoint, save_checkpoint
 from fedhubert.config import Config, config_from_dict
 from fedhubert.data import derive_seed, make_loader, read_manifest
@@ -25,16 +29,18 @@ from fedhubert.errors import DataError
 from fedhubert.federation.task import build_model
 from fedhubert.fileio import atomic_write_text
 from fedhubert.partition import SPLITS
-from fedhubert.train import resolve_device, train_local
+from fedhubert.train import evaluate_local, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Budget:
-    """Training compute of a federated run: optimizer steps and crops seen, over all rounds and clients."""
+    """Training compute of a federated run: optimizer steps and crops seen over all clients, in total
+    and per round (the centralized run trains in the same segments, a fresh optimizer each, as clients do)."""
     steps: int
     examples: int
+    round_steps: list[int]
 
     @property
     def batch_size(self) -> int:
@@ -46,12 +52,14 @@ def federated_budget(metrics_jsonl: Path) -> Budget:
     if not metrics_jsonl.is_file():
         raise DataError(f"{metrics_jsonl} not found: run the federated stage with the same config first")
     steps = examples = 0
+    round_steps = []
     for line in metrics_jsonl.read_text().splitlines():
-        record = json.loads(line)
-        for client in record.get("client_train", {}).values():
-            steps += int(client.get("steps", 0))
-            examples += int(client.get("num-examples", 0))
-    return Budget(steps, examples)
+        clients = json.loads(line).get("client_train", {}).values()
+        if clients:
+            round_steps.append(sum(int(c.get("steps", 0)) for c in clients))
+            examples += sum(int(c.get("num-examples", 0)) for c in clients)
+    steps = sum(round_steps)
+    return Budget(steps, examples, round_steps)
 
 
 def pool_clients(cfg: Config, out: Path) -> Path:
@@ -78,7 +86,7 @@ def pool_clients(cfg: Config, out: Path) -> Path:
 
 def _fingerprint(cfg: Config, budget: Budget, pooled: Path) -> str:
     keys = {name: cfg.to_dict()[name] for name in ("seed", "data", "kmeans", "model", "training")}
-    keys["budget"] = [budget.steps, budget.batch_size]
+    keys["budget"] = [budget.round_steps, budget.batch_size]
     keys["manifests"] = [(pooled / f"{s}.tsv").read_text() for s in SPLITS]
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
@@ -91,6 +99,12 @@ def pooled_config(cfg: Config, pooled_parts: Path) -> Config:
     for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
         values["federation"][key] = 1
     return config_from_dict(values)
+
+
+def _point(examples: int, model: torch.nn.Module, valid, cfg: Config, device) -> dict[str, float]:
+    """One point of the learning curve: crops trained on so far, validation masked accuracy and loss."""
+    metrics = evaluate_local(model, valid, cfg, device)
+    return {"examples": examples, "masked_accuracy": metrics["masked_accuracy"], "loss": metrics["loss"]}
 
 
 def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:
@@ -111,17 +125,21 @@ def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path,
         with single_torch_thread():
             client_targets(pcfg, 0, MfccFeatures(pcfg))
 
-    batch = budget.batch_size
-    seed = derive_seed(cfg.seed, "centralized")
-    loader = make_loader(pooled, "train", pcfg, batch_size=batch, seed=seed, train=True)
-    pcfg.training.max_local_steps = budget.steps
-    pcfg.training.local_epochs = math.ceil(budget.steps / len(loader))
+    batch, device = budget.batch_size, resolve_device(cfg.training.device)
     model = build_model(cfg)  # the federated run's round-0 model
-    log.info("centralized: %d steps of batch %d on %d pooled utterances (the federated budget)",
-             budget.steps, batch, len(loader.dataset))
-    metrics = train_local(model, loader, pcfg, resolve_device(cfg.training.device), seed=seed)
-    info = {"steps": int(metrics["steps"]), "examples": int(metrics["num_examples"]), "batch_size": batch,
-            "train_loss": metrics["loss"], "train_masked_accuracy": metrics["masked_accuracy"],
-            "train_time_s": metrics["train_time_s"]}
+    log.info("centralized: %d steps of batch %d in %d segments on the pooled data (the federated budget)",
+             budget.steps, batch, len(budget.round_steps))
+    valid = make_loader(pooled, "valid", pcfg, batch_size=4, seed=cfg.seed, train=False)
+    curve = [_point(0, model, valid, pcfg, device)]
+    examples = 0
+    for segment, steps in enumerate(budget.round_steps, start=1):
+        seed = derive_seed(cfg.seed, "centralized", segment)
+        loader = make_loader(pooled, "train", pcfg, batch_size=batch, seed=seed, train=True)
+        pcfg.training.max_local_steps = steps
+        pcfg.training.local_epochs = math.ceil(steps / len(loader))
+        metrics = train_local(model, loader, pcfg, device, seed=seed)
+        examples += int(metrics["num_examples"])
+        curve.append(_point(examples, model, valid, pcfg, device))
+    info = {"steps": budget.steps, "examples": examples, "batch_size": batch, "curve": curve}
     save_checkpoint(checkpoint, model, pcfg, fingerprint=fingerprint, info=info)
     return checkpoint, info

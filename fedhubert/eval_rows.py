@@ -12,6 +12,7 @@ the student's counts only its own distillation steps, not its teacher's pretrain
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from fedhubert.centralized import federated_budget, train_centralized
 from fedhubert.checkpoint import load_checkpoint, save_checkpoint
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
-from fedhubert.data import make_loader, read_labels, read_manifest
+from fedhubert.data import majority_label_share, make_loader, read_labels, read_manifest
 from fedhubert.distill import STUDENT
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
 from fedhubert.evaluate import best_checkpoint, probe_row, row_features
@@ -44,15 +45,10 @@ class RowSpec:
     checkpoint: Path | None  # None: MFCC statistics
     examples: int            # crops trained on
     masked: Callable[[], dict[str, Any]] | None  # masked prediction on validation speech, if it has a head
+    curve: list[dict[str, float]] | None = None  # validation masked accuracy against crops trained on
 
 
 # --- masked prediction ---------------------------------------------------------------------------------
-
-def majority_share(km: Path, tsv: Path, num_clusters: int) -> float:
-    """Share of the most frequent cluster among the labels of a split: the accuracy of a majority guess."""
-    labels, _ = read_labels(km, read_manifest(tsv)[2], num_clusters)
-    return float(np.bincount(labels.astype(np.int64)).max() / max(len(labels), 1))
-
 
 def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, dict | None]],
                       split: str = "valid") -> dict[str, Any]:
@@ -68,7 +64,7 @@ def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, 
         metrics = evaluate_local(scored, loader, cfg, "cpu")
         per_client.append({"client": folder.name, "masked_accuracy": metrics["masked_accuracy"],
                            "num_masked": metrics.get("num_masked", 0.0),
-                           "chance": majority_share(folder / f"{split}.km", folder / f"{split}.tsv", num_clusters)})
+                           "chance": majority_label_share(folder, split, num_clusters)})
     weights = np.array([c["num_masked"] for c in per_client]) + 1e-12
     mean = lambda key: float(np.average([c[key] for c in per_client], weights=weights))  # noqa: E731
     return {"masked_accuracy": mean("masked_accuracy"), "chance": mean("chance"), "per_client": per_client}
@@ -106,7 +102,8 @@ def row_specs(cfg: Config, out: Path, rows: list[str]) -> list[RowSpec]:
     specs = []
     for name in rows:
         if name == "federated":
-            specs.append(RowSpec(name, federated, budget.examples, _masked_with_heads(federated, cfg, FederatedTask())))
+            specs.append(RowSpec(name, federated, budget.examples, _masked_with_heads(federated, cfg, FederatedTask()),
+                                 federated_curve(Path(cfg.federation.checkpoint_dir) / "metrics.jsonl")))
         elif name == "centralized":
             ckpt, info = train_centralized(cfg, out / "centralized", budget)
             pooled = out / "centralized" / "partitions" / "client_0"
@@ -114,7 +111,9 @@ def row_specs(cfg: Config, out: Path, rows: list[str]) -> list[RowSpec]:
             def masked(ckpt: Path = ckpt, pooled: Path = pooled) -> dict[str, Any]:
                 model, model_cfg, _ = load_checkpoint(ckpt)
                 return masked_prediction(model, model_cfg, [(pooled, None)])
-            specs.append(RowSpec(name, ckpt, info["examples"], masked))
+            chance = majority_label_share(pooled, "valid", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
+            specs.append(RowSpec(name, ckpt, info["examples"], masked,
+                                 [{**point, "chance": chance} for point in info["curve"]]))
         elif name == "student":
             student = Path(cfg.distillation.checkpoint_dir) / "server" / "best_student_model.pt"
             if not student.is_file():
@@ -135,6 +134,19 @@ def row_specs(cfg: Config, out: Path, rows: list[str]) -> list[RowSpec]:
         else:
             specs.append(RowSpec(name, None, 0, None))
     return specs
+
+
+def federated_curve(metrics_jsonl: Path) -> list[dict[str, float]]:
+    """Validation masked accuracy (and its chance level) after every round, against crops trained on."""
+    curve, examples = [], 0
+    for line in metrics_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        examples += sum(int(c.get("num-examples", 0)) for c in record.get("client_train", {}).values())
+        val = record.get("val", {})
+        if "masked_accuracy" in val:
+            curve.append({"examples": examples, "masked_accuracy": val["masked_accuracy"], "loss": val.get("loss"),
+                          "chance": val.get("masked_chance")})
+    return curve
 
 
 def encoder_parameters(checkpoint: Path | None) -> int:
@@ -186,10 +198,10 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None) -> dict[str, Any]
             row["masked_prediction"] = spec.masked() if spec.masked else None
         row.update(name=spec.name, checkpoint=str(spec.checkpoint) if spec.checkpoint else None,
                    parameters=encoder_parameters(spec.checkpoint), examples=spec.examples,
-                   compute_audio_hours=spec.examples * crop_seconds / 3600)
+                   compute_audio_hours=spec.examples * crop_seconds / 3600, curve=spec.curve)
         results.append(row)
         log.info("evaluated %s in %.1f s", spec.name, time.perf_counter() - t0)
-    report = {"rows": results, "targets": targets_quality(cfg, out), "seed": cfg.seed,
+    report = {"rows": results, "targets": targets_quality(cfg, out), "seed": cfg.seed, "crop_seconds": crop_seconds,
               "data": {name: {"clips": len(s), "test_clips": int(sum(s.is_test)), "classes": len(set(s.labels)),
                               "seconds": s.seconds(cfg.data.sample_rate)} for name, s in sets.items()},
               "seconds": time.perf_counter() - started}

@@ -83,11 +83,42 @@ def plot(report: dict[str, Any], target: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(report: dict[str, Any], target: Path) -> bool:
+    """Validation masked accuracy against training compute of every row that has a curve (federated,
+    centralized), each with its chance level dashed. False when no row has one."""
+    rows = [r for r in report["rows"] if r.get("curve")]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    hours = report["crop_seconds"] / 3600
+    for i, r in enumerate(rows):
+        color = f"C{i}"
+        x = [p["examples"] * hours for p in r["curve"]]
+        ax.plot(x, [p["masked_accuracy"] for p in r["curve"]], "o-", color=color, label=r["name"])
+        if all(p.get("chance") is not None for p in r["curve"]):
+            ax.plot(x, [p["chance"] for p in r["curve"]], "--", color=color, alpha=0.6, label=f"{r['name']} chance")
+    ax.set_xlabel("training compute (audio hours of crops)")
+    ax.set_ylabel("validation masked accuracy")
+    ax.set_title("masked accuracy against compute (each on its own targets)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     atomic_write_text(out / "evaluation.md", "# Evaluation\n\n" + table)
     plot(report, out / "evaluation.png")
+    curves = plot_curves(report, out / "learning_curves.png")
     print(table, flush=True)
-    log.info("wrote %s, %s and %s", out / "evaluation.json", out / "evaluation.md", out / "evaluation.png")
+    log.info("wrote %s, %s, %s%s", out / "evaluation.json", out / "evaluation.md", out / "evaluation.png",
+             f" and {out / 'learning_curves.png'}" if curves else "")

@@ -148,3 +148,63 @@ def test_a_client_keeps_the_head_of_the_best_round(tmp_path):
         store.save(rnd, {"final_proj.weight": torch.full((2, 2), float(rnd))}, keep_round=2, targets_sha1="x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head_round_2.pt", "head_round_4.pt", "head_round_5.pt"]
     assert float(store.latest(up_to=3)["final_proj.weight"][0, 0]) == 2.0  # read back from disk
+
+
+def test_a_collapse_is_reported_and_never_becomes_the_best_model(partitions, tmp_path):
+    # FedAdam with tau 1e-9 moves every weight by about eta per round: eta 0.1 wrecks the tiny encoder,
+    # while the clients' own heads keep fitting (the validation loss alone would not show it).
+    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=3", "federation.eta=0.1")
+    result = run_federated_pretraining(cfg)
+    history = result["history"]
+    assert not history[0].get("collapsed")
+    for record in history:
+        for where in ("first", "mid", "last"):
+            assert record["val"][f"health_rank_{where}"] > 0 and -1 <= record["val"][f"health_cos_{where}"] <= 1
+        assert 0 < record["val"]["masked_chance"] < 1
+    collapsed = [r["round"] for r in history if r.get("collapsed")]
+    assert collapsed, [(r["round"], {k: v for k, v in r["val"].items() if k.startswith("health")}) for r in history]
+    assert result["best_round"] not in collapsed
+    best = Path(cfg.federation.checkpoint_dir) / "server" / "best_global_model.pt"
+    assert not best.exists() or torch.load(best, weights_only=True)["round"] not in collapsed
+
+    stop = fed_config(partitions, tmp_path / "stop", "federation.num_rounds=3", "federation.eta=0.1",
+                      "federation.stop_on_collapse=true")
+    stopped = run_federated_pretraining(stop)["history"]
+    assert stopped[-1]["round"] == collapsed[0] and stopped[-1]["collapsed"]  # stopped at the first collapse
+    assert (Path(stop.federation.checkpoint_dir) / "server" / f"round_{collapsed[0]}.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_every_strategy_saves_and_restores_its_server_state(name):
+    import numpy as np
+
+    from fedhubert.federation.strategy import make_strategy
+
+    cfg = fed_config(("/x", "/y"), "/z", f"federation.strategy={name}")
+    strategy = make_strategy(cfg)
+    assert type(strategy).__name__.lower() == f"robust{name}"
+    arrays = [np.full((2, 3), 0.5, dtype=np.float32), np.arange(4, dtype=np.float32)]
+    if name == "fedavgm":
+        strategy.momentum_vector = arrays
+        assert strategy.server_momentum == cfg.federation.server_momentum
+    elif name in ("fedadam", "fedyogi"):
+        strategy.m_t, strategy.v_t = {"a": arrays[0]}, {"a": arrays[0] * 2}
+        assert strategy.eta == cfg.federation.eta and strategy.tau == cfg.federation.tau
+    state = strategy.state_dict()
+    torch.save(state, "/dev/null")  # plain tensors: weights_only-loadable
+    restored = make_strategy(cfg)
+    restored.load_state_dict(state)
+    for key in ("momentum_vector", "m_t", "v_t"):
+        if hasattr(strategy, key):
+            a, b = getattr(strategy, key), getattr(restored, key)
+            pairs = zip(a, b) if isinstance(a, list) else ((a[k], b[k]) for k in a)
+            assert all(np.array_equal(x, y) for x, y in pairs), key
+
+
+def test_fedavgm_federates(partitions, tmp_path):
+    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=2", "federation.strategy=fedavgm",
+                     "federation.eta=1.0")
+    history = run_federated_pretraining(cfg)["history"]
+    assert history[2]["clients_succeeded"] == 3 and history[2]["val"]["loss"] < history[0]["val"]["loss"]
+    state = torch.load(tmp_path / "ckpt" / "server" / "round_2.pt", weights_only=True)["strategy_state"]
+    assert len(state["momentum_vector"]) > 0

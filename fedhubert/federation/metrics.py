@@ -12,7 +12,10 @@ from fedhubert.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CURVES = (("loss", "loss"), ("masked_accuracy", "masked accuracy"), ("perplexity", "perplexity"))
+CURVES = (("loss", "loss"), (("masked_accuracy", "masked_chance"), "masked accuracy (and chance)"),
+          ("perplexity", "perplexity"))
+HEALTH_CURVES = ((("health_rank_first", "health_rank_mid", "health_rank_last"), "effective rank (validation)"),
+                 (("health_cos_first", "health_cos_mid", "health_cos_last"), "mean cosine of 0.5 s embeddings"))
 # validation figures of the distillation shown on the console line, when present
 DISTILLATION_FIGURES = (("masked_kd_loss", "kd"), ("masked_ce_loss", "ce"), ("hidden_loss", "hidden"),
                         ("masked_agreement", "agree"))
@@ -62,11 +65,16 @@ class RunMetrics:
         from matplotlib.ticker import MaxNLocator
 
         fig, axes = plt.subplots(1, len(self.curves), figsize=(5 * len(self.curves), 3.6))
-        for ax, (key, title) in zip(axes, self.curves):
-            for split, style in (("train", "o-"), ("val", "s--")):
-                points = [(r["round"], r[split][key]) for r in self.history if key in r.get(split, {})]
-                if points:
-                    ax.plot(*zip(*points), style, label=split)
+        for ax, (keys, title) in zip(axes, self.curves):
+            keys = (keys,) if isinstance(keys, str) else keys
+            for key in keys:  # one line per key and split; several keys: label by key
+                for split, style in (("train", "o-"), ("val", "s--")):
+                    points = [(r["round"], r[split][key]) for r in self.history if key in r.get(split, {})]
+                    if points:
+                        ax.plot(*zip(*points), style, label=split if len(keys) == 1 else f"{split} {key}")
+            collapsed = [r["round"] for r in self.history if r.get("collapsed")]
+            for rnd in collapsed:
+                ax.axvline(rnd, color="red", alpha=0.3)
             ax.set_title(title)
             ax.set_xlabel("round")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,7 +98,11 @@ def progress_line(record: dict[str, Any]) -> str:
     if train:
         parts.append(f"train loss {_fmt(train.get('loss'))} acc {_fmt(train.get('masked_accuracy'))}")
     if val:
-        parts.append(f"val loss {_fmt(val.get('loss'))} acc {_fmt(val.get('masked_accuracy'))}")
+        chance = f" (chance {_fmt(val['masked_chance'])})" if "masked_chance" in val else ""
+        parts.append(f"val loss {_fmt(val.get('loss'))} acc {_fmt(val.get('masked_accuracy'))}{chance}")
+        if "health_rank_first" in val:
+            ranks = "/".join(_fmt(val[f"health_rank_{w}"]) for w in ("first", "mid", "last"))
+            parts.append(f"rank {ranks} cos {_fmt(max(val[f'health_cos_{w}'] for w in ('first', 'mid', 'last')))}")
         extras = [f"{name} {_fmt(val[key])}" for key, name in DISTILLATION_FIGURES if key in val]
         if extras:
             parts.append(" ".join(extras))
@@ -100,4 +112,6 @@ def progress_line(record: dict[str, Any]) -> str:
         parts.append(f"{record['bytes_total'] / 2**20:.1f} MiB")
     if "round_time_s" in record:
         parts.append(f"{record['round_time_s']:.1f} s")
+    if record.get("collapsed"):
+        parts.append("COLLAPSED")
     return " | ".join(parts)

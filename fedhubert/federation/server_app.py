@@ -22,10 +22,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedhubert.config import Config, load_config
 from fedhubert.errors import FederationError
 from fedhubert.federation.metrics import RunMetrics
-from fedhubert.federation.strategy import RobustFedAdam, RoundReport
+from fedhubert.federation.strategy import RoundReport, make_strategy
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, absolutize_paths, config_record, load_encoder,
                                        split_state)
 from fedhubert.federation.tasks import FederatedTask, get_task
+from fedhubert.health import collapse_reasons
 
 log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
@@ -84,7 +85,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     cfg = absolutize_paths(cfg)
     ckpts = ServerCheckpoints(cfg, task)
     model = task.initial_model(cfg)
-    strategy = RobustFedAdam(cfg)
+    strategy = make_strategy(cfg)
     metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
     best_val, best_round, start = math.inf, -1, 1
 
@@ -133,11 +134,14 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
         val = strategy.aggregate_evaluate(rnd, replies)
-        metrics.add(_round_record(rnd, train, val, report, strategy.evaluate_report,
-                                  time.perf_counter() - t0, cfg.federation.wire_dtype))
+        record = _round_record(rnd, train, val, report, strategy.evaluate_report, time.perf_counter() - t0,
+                               cfg.federation.wire_dtype)
+        collapsed = collapse_reasons(dict(val or {}), metrics.history[0].get("val", {}), cfg)
+        record["collapsed"] = collapsed
+        metrics.add(record)
 
         val_loss = float(val["loss"]) if val and "loss" in val else math.inf
-        improved = val_loss < best_val
+        improved = val_loss < best_val and not collapsed  # a collapsed encoder is never the best model
         if improved:
             best_val, best_round = val_loss, rnd
         ckpts.save_round(rnd, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
@@ -145,6 +149,12 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         if improved:
             task.save(ckpts.best, model, cfg, round=rnd, val_loss=val_loss)
             log.info("round %d: new best model (val loss %.4f) -> %s", rnd, val_loss, ckpts.best)
+        if collapsed:
+            log.warning("round %d: the global encoder looks collapsed: %s; it cannot become the best model%s", rnd,
+                        "; ".join(collapsed), " (federation.stop_on_collapse: stopping)" if cfg.federation.stop_on_collapse
+                        else "")
+            if cfg.federation.stop_on_collapse:
+                break
 
     metrics.close()
     metrics.plot()

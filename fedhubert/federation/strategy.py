@@ -1,9 +1,11 @@
-"""FedAdam as Flower 1.42 gives it, made safe for this project:
+"""Flower 1.42's server strategies (``federation.strategy``: FedAvg, FedAvgM, FedAdam, FedYogi) as
+Flower gives them, made safe for this project by one mixin:
 
 - a client whose reply is an error, or whose update holds NaN/Inf, is left out of the aggregate;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
-- FedAdam's float64 result is cast back to float32 before it goes on the wire or to disk;
-- the optimizer state (m_t, v_t) can be saved and restored, so a resumed run continues exactly.
+- the server optimizer's float64 result is cast back to float32 before it goes on the wire or to disk;
+- the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) can be saved and restored,
+  so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedhubert.config import Config
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
@@ -39,16 +41,32 @@ def _finite(values: Iterable[np.ndarray | float]) -> bool:
     return all(np.isfinite(v).all() for v in values)
 
 
-class RobustFedAdam(FedAdam):
-    def __init__(self, cfg: Config) -> None:
-        f = cfg.federation
-        super().__init__(fraction_train=f.fraction_fit, fraction_evaluate=f.fraction_evaluate,
-                         min_train_nodes=f.min_fit_clients, min_evaluate_nodes=f.min_evaluate_clients,
-                         min_available_nodes=f.min_available_clients, eta=f.eta,
-                         eta_l=cfg.training.learning_rate, beta_1=f.beta_1, beta_2=f.beta_2, tau=f.tau)
-        self.wire_dtype = f.wire_dtype
-        self.train_report = RoundReport()
-        self.evaluate_report = RoundReport()
+STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
+STATE_NAMES = ("m_t", "v_t", "momentum_vector")  # the server optimizers' state, where a strategy has it
+
+
+def make_strategy(cfg: Config) -> "RobustStrategy":
+    """``federation.strategy`` with the mixin below, every knob from the config."""
+    f = cfg.federation
+    base = STRATEGIES[f.strategy]
+    kwargs = dict(fraction_train=f.fraction_fit, fraction_evaluate=f.fraction_evaluate,
+                  min_train_nodes=f.min_fit_clients, min_evaluate_nodes=f.min_evaluate_clients,
+                  min_available_nodes=f.min_available_clients)
+    if f.strategy == "fedavgm":
+        kwargs.update(server_learning_rate=f.eta, server_momentum=f.server_momentum)
+    elif f.strategy in ("fedadam", "fedyogi"):
+        kwargs.update(eta=f.eta, eta_l=cfg.training.learning_rate, beta_1=f.beta_1, beta_2=f.beta_2, tau=f.tau)
+    strategy = type(f"Robust{base.__name__}", (RobustStrategy, base), {})(**kwargs)
+    strategy.wire_dtype = f.wire_dtype
+    strategy.train_report, strategy.evaluate_report = RoundReport(), RoundReport()
+    return strategy
+
+
+class RobustStrategy:
+    """Mixed in before a Flower strategy class (see make_strategy)."""
+    wire_dtype: str
+    train_report: RoundReport
+    evaluate_report: RoundReport
 
     # --- outgoing --------------------------------------------------------------------------------
     def _encode(self, messages: Iterable[Message], arrays: ArrayRecord, report: RoundReport) -> list[Message]:
@@ -119,10 +137,20 @@ class RobustFedAdam(FedAdam):
 
     # --- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """FedAdam's moments as plain tensors (torch.load(weights_only=True)-safe)."""
-        return {name: {k: torch.from_numpy(np.asarray(v)) for k, v in (getattr(self, name) or {}).items()}
-                for name in ("m_t", "v_t")}
+        """The server optimizer's state as plain tensors (torch.load(weights_only=True)-safe); FedAvgM's
+        momentum is a list, stored under its indices."""
+        state = {}
+        for name in STATE_NAMES:
+            if hasattr(self, name):
+                value = getattr(self, name) or {}
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                state[name] = {str(k): torch.from_numpy(np.asarray(v)) for k, v in items}
+        return state
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name in ("m_t", "v_t"):
-            setattr(self, name, {k: v.numpy() for k, v in state[name].items()} or None)
+        for name, saved in state.items():
+            if name == "momentum_vector":
+                value = [saved[str(i)].numpy() for i in range(len(saved))] or None
+            else:
+                value = {k: v.numpy() for k, v in saved.items()} or None
+            setattr(self, name, value)

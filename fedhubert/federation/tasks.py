@@ -20,6 +20,7 @@ from fedhubert.config import Config, config_from_dict
 from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init_from_teacher, student_config,
                                target_layers)
 from fedhubert.errors import ConfigError, DataError
+from fedhubert.federation.metrics import CURVES, HEALTH_CURVES
 from fedhubert.federation.task import (build_model, client_checkpoint_dir, head_files, is_head_param,
                                        targets_fingerprint)
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
@@ -33,7 +34,7 @@ class FederatedTask:
     name = "pretraining"
     best_name = "best_global_model"  # <checkpoint_dir>/server/<best_name>.pt and <best_name>_hf/
     head_prefix = "head"             # a client's local weights: <client dir>/<head_prefix>_round_<r>.pt
-    curves = (("loss", "loss"), ("masked_accuracy", "masked accuracy"), ("perplexity", "perplexity"))
+    curves = CURVES + HEALTH_CURVES
 
     def checkpoint_dir(self, cfg: Config) -> Path:
         return Path(cfg.federation.checkpoint_dir)
@@ -150,7 +151,7 @@ class DistillationTask(FederatedTask):
     best_name = "best_student_model"
     head_prefix = "student_head"
     curves = (("loss", "distillation loss"), ("masked_kd_loss", "KD loss"), ("hidden_loss", "hidden loss"),
-              ("masked_agreement", "student/teacher agreement"))
+              ("masked_agreement", "student/teacher agreement")) + HEALTH_CURVES
 
     def checkpoint_dir(self, cfg: Config) -> Path:
         return Path(cfg.distillation.checkpoint_dir)
