@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Sweep of the federation's server optimizer and of local steps against rounds, judged on the
+evaluation probes and the representation-health figures (never on validation loss alone).
+
+Every configuration is the base config plus a few ``--set`` overrides; each runs the project's own
+scripts in a subprocess (pretraining, then ``evaluate.py --rows federated``) on one shared partition
+and k-means targets, and the reference rows (random-init, mfcc) are evaluated once. Finished runs are
+skipped when the sweep is started again, so it can be stopped and resumed. Writes ``sweep.json`` and
+``sweep.md`` (the table) to ``--out``.
+
+    python scripts/sweep_federation.py --config configs/demo.yaml --grid strategies --out sweeps/demo
+    python scripts/sweep_federation.py --config configs/demo.yaml --grid drift --out sweeps/demo-drift
+    python scripts/sweep_federation.py --config configs/cpu_hour.yaml --grid strategies --only fedadam --out sweeps/hour
+
+Grids:
+  strategies  fedavg (Flower's plain weighted mean); fedavgm with server learning rate 0.1, 0.3, 1.0
+              (momentum 0.9: an effective step of 1x to 10x the mean update); fedadam and fedyogi with
+              eta in {1e-3, 3e-3, 1e-2, 3e-2} x tau in {1e-9, 1e-3}
+  drift       the base strategy at a fixed number of local steps per client: rounds x steps =
+              2 x 60, 4 x 30, 6 x 20, 12 x 10 (client drift against communication)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fedhubert.fileio import atomic_write_text  # noqa: E402
+
+ETAS, TAUS = ("1e-3", "3e-3", "1e-2", "3e-2"), ("1e-9", "1e-3")
+
+
+def grid(name: str) -> dict[str, list[str]]:
+    """Run name -> its --set overrides."""
+    if name == "strategies":
+        runs = {"fedavg": ["federation.strategy=fedavg"]}
+        runs |= {f"fedavgm-lr{lr}": ["federation.strategy=fedavgm", f"federation.eta={lr}"] for lr in ("0.1", "0.3", "1.0")}
+        runs |= {f"{s}-eta{eta}-tau{tau}": [f"federation.strategy={s}", f"federation.eta={eta}", f"federation.tau={tau}"]
+                 for s in ("fedadam", "fedyogi") for eta in ETAS for tau in TAUS}
+        return runs
+    if name == "drift":
+        return {f"rounds{r}-steps{s}": [f"federation.num_rounds={r}", f"training.max_local_steps={s}",
+                                        "training.local_epochs=1000"] for r, s in ((2, 60), (4, 30), (6, 20), (12, 10))}
+    raise SystemExit(f"unknown grid {name!r} (strategies, drift)")
+
+
+def run(args: list[str], log: Path) -> None:
+    with open(log, "a") as handle:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} failed (exit {done.returncode}); see {log}")
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def summarize(name: str, overrides: list[str], folder: Path, seconds: float | None) -> dict:
+    """One table row: the probes of the run's best model and its health over all rounds."""
+    row = json.loads((folder / "eval" / "evaluation.json").read_text())["rows"][0]
+    history = [json.loads(line) for line in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    final = history[-1]["val"]
+    return {"name": name, "overrides": overrides, "seconds": seconds,
+            "sid_best": row["speaker_id"]["best_accuracy"], "sid_weighted": row["speaker_id"]["weighted_accuracy"],
+            "eer": row["speaker_verification"]["eer"], "keyword_best": row["keyword"]["best_accuracy"],
+            "keyword_weighted": row["keyword"]["weighted_accuracy"],
+            "min_effective_rank": row["health"]["min_effective_rank"], "max_mean_cosine": row["health"]["max_mean_cosine"],
+            "masked_accuracy": (row["masked_prediction"] or {}).get("masked_accuracy"),
+            "final_val_loss": final.get("loss"), "best_val_loss": min(r["val"].get("loss", 1e9) for r in history[1:]),
+            "collapsed_rounds": [r["round"] for r in history if r.get("collapsed")]}
+
+
+def table(rows: list[dict], reference: list[dict]) -> str:
+    head = ("| run | SID best | SID weighted | EER | keyword best | keyword weighted | min eff. rank | max cos | "
+            "masked acc | best val loss | collapsed rounds |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['name']} | {pct(r['sid_best'])} | {pct(r['sid_weighted'])} | {pct(r['eer'])} | "
+                     f"{pct(r['keyword_best'])} | {pct(r['keyword_weighted'])} | {r['min_effective_rank']:.1f} | "
+                     f"{r['max_mean_cosine']:.3f} | {pct(r['masked_accuracy'])} | {r['best_val_loss']:.3f} | "
+                     f"{','.join(map(str, r['collapsed_rounds'])) or '-'} |")
+    for r in reference:
+        lines.append(f"| ({r['name']}) | {pct(r['speaker_id']['best_accuracy'])} | {pct(r['speaker_id']['weighted_accuracy'])} | "
+                     f"{pct(r['speaker_verification']['eer'])} | {pct(r['keyword']['best_accuracy'])} | "
+                     f"{pct(r['keyword']['weighted_accuracy'])} | {r['health']['min_effective_rank']:.1f} | "
+                     f"{r['health']['max_mean_cosine']:.3f} | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--grid", default="strategies", choices=("strategies", "drift"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="", help="run only the configurations whose name contains this")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = ["--config", args.config, *sets([f"data.partitions_dir={out / 'partitions'}", *args.overrides])]
+    log = out / "sweep.log"
+    if not (out / "partitions" / "client_0" / "train.km").is_file():
+        run(["partition_data.py", *base], log)
+        run(["generate_kmeans_targets.py", *base], log)
+    reference_dir = out / "reference"
+    if not (reference_dir / "eval" / "evaluation.json").is_file():  # random-init and mfcc need a federated run's
+        first = next(iter(grid(args.grid).values()))                # folder to exist: a 1-round run
+        ref = base + sets([*first, f"federation.checkpoint_dir={reference_dir / 'ckpt'}", "federation.num_rounds=1",
+                           f"evaluation.output_dir={reference_dir / 'eval'}"])
+        run(["federated_hubert_pretraining.py", *ref], log)
+        run(["evaluate.py", *ref, "--rows", "random-init,mfcc"], log)
+    reference = json.loads((reference_dir / "eval" / "evaluation.json").read_text())["rows"]
+
+    rows = []
+    for name, overrides in grid(args.grid).items():
+        if args.only and args.only not in name:
+            continue
+        folder = out / "runs" / name
+        timing = folder / "seconds.txt"
+        if not (folder / "eval" / "evaluation.json").is_file():
+            run_sets = base + sets([*overrides, f"federation.checkpoint_dir={folder / 'ckpt'}",
+                                    f"evaluation.output_dir={folder / 'eval'}"])
+            started = time.perf_counter()
+            print(f"sweep: {name} ...", flush=True)
+            run(["federated_hubert_pretraining.py", *run_sets], log)
+            run(["evaluate.py", *run_sets, "--rows", "federated"], log)
+            atomic_write_text(timing, f"{time.perf_counter() - started:.1f}\n")
+        seconds = float(timing.read_text()) if timing.is_file() else None
+        rows.append(summarize(name, overrides, folder, seconds))
+        atomic_write_text(out / "sweep.json", json.dumps({"config": args.config, "grid": args.grid, "rows": rows,
+                                                          "reference": reference}, indent=2) + "\n")
+        atomic_write_text(out / "sweep.md", table(rows, reference))
+    print(table(rows, reference))
+
+
+if __name__ == "__main__":
+    main()
