@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--grid", default="strategies", choices=("strategies", "drift"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", default="", help="run only the configurations whose name contains this")
+    parser.add_argument("--only", default="", help="run only the configurations whose name contains this "
+                        "(the table still lists every finished run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -121,11 +122,12 @@ def main() -> None:
 
     rows = []
     for name, overrides in grid(args.grid).items():
-        if args.only and args.only not in name:
-            continue
         folder = out / "runs" / name
         timing = folder / "seconds.txt"
-        if not (folder / "eval" / "evaluation.json").is_file():
+        finished = (folder / "eval" / "evaluation.json").is_file()
+        if args.only and args.only not in name and not finished:
+            continue  # not asked for now (a finished run stays in the table)
+        if not finished:
             run_sets = base + sets([*overrides, f"federation.checkpoint_dir={folder / 'ckpt'}",
                                     f"evaluation.output_dir={folder / 'eval'}"])
             started = time.perf_counter()
