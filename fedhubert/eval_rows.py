@@ -52,8 +52,9 @@ class RowSpec:
 
 def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, dict | None]],
                       split: str = "valid") -> dict[str, Any]:
-    """Masked accuracy on each (client folder, its head) ``split``, seeded masks; the head None keeps
-    the model's own. Returns the frame-weighted mean, the chance level and per-client figures."""
+    """Masked accuracy and loss (cross-entropy per masked frame) on each (client folder, its head)
+    ``split``, seeded masks; the head None keeps the model's own. Returns the frame-weighted means, the
+    chance level and per-client figures."""
     per_client, num_clusters = [], cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS
     for folder, head in clients:
         scored = model
@@ -63,11 +64,12 @@ def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, 
         loader = make_loader(folder, split, cfg, batch_size=4, seed=cfg.seed, train=False)
         metrics = evaluate_local(scored, loader, cfg, "cpu")
         per_client.append({"client": folder.name, "masked_accuracy": metrics["masked_accuracy"],
-                           "num_masked": metrics.get("num_masked", 0.0),
+                           "masked_loss": metrics.get("masked_loss", 0.0), "num_masked": metrics.get("num_masked", 0.0),
                            "chance": majority_label_share(folder, split, num_clusters)})
     weights = np.array([c["num_masked"] for c in per_client]) + 1e-12
     mean = lambda key: float(np.average([c[key] for c in per_client], weights=weights))  # noqa: E731
-    return {"masked_accuracy": mean("masked_accuracy"), "chance": mean("chance"), "per_client": per_client}
+    return {"masked_accuracy": mean("masked_accuracy"), "masked_loss": mean("masked_loss"), "chance": mean("chance"),
+            "per_client": per_client}
 
 
 def _client_heads(cfg: Config, folder_of: Callable[[int], Path], prefix: str, best_round: int

@@ -13,7 +13,7 @@ from fedhubert.fileio import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 COLUMNS = ("row", "params", "compute", "SID best layer", "SID weighted", "EER", "keyword best layer",
-           "keyword weighted", "masked acc (chance)", "min eff. rank", "max mean cos")
+           "keyword weighted", "masked acc (chance)", "masked loss", "min eff. rank", "max mean cos")
 
 
 def _pct(value: float) -> str:
@@ -32,6 +32,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             f"{_pct(sv['eer'])} (L{sv['best_layer']})",
             f"{_pct(kw['best_accuracy'])} (L{kw['best_layer']})", _pct(kw["weighted_accuracy"]),
             f"{_pct(mp['masked_accuracy'])} ({_pct(mp['chance'])})" if mp else "-",
+            f"{mp['masked_loss']:.2f}" if mp else "-",
             f"{h['min_effective_rank']:.1f}", f"{h['max_mean_cosine']:.3f}"])
     return rows
 

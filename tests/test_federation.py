@@ -153,7 +153,8 @@ def test_a_client_keeps_the_head_of_the_best_round(tmp_path):
 def test_a_collapse_is_reported_and_never_becomes_the_best_model(partitions, tmp_path):
     # FedAdam with tau 1e-9 moves every weight by about eta per round: eta 0.1 wrecks the tiny encoder,
     # while the clients' own heads keep fitting (the validation loss alone would not show it).
-    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=3", "federation.eta=0.1")
+    cfg = fed_config(partitions, tmp_path / "ckpt", "federation.num_rounds=3", "federation.eta=0.1",
+                     "federation.tau=1e-9")
     result = run_federated_pretraining(cfg)
     history = result["history"]
     assert not history[0].get("collapsed")
@@ -168,7 +169,7 @@ def test_a_collapse_is_reported_and_never_becomes_the_best_model(partitions, tmp
     assert not best.exists() or torch.load(best, weights_only=True)["round"] not in collapsed
 
     stop = fed_config(partitions, tmp_path / "stop", "federation.num_rounds=3", "federation.eta=0.1",
-                      "federation.stop_on_collapse=true")
+                      "federation.tau=1e-9", "federation.stop_on_collapse=true")
     stopped = run_federated_pretraining(stop)["history"]
     assert stopped[-1]["round"] == collapsed[0] and stopped[-1]["collapsed"]  # stopped at the first collapse
     assert (Path(stop.federation.checkpoint_dir) / "server" / f"round_{collapsed[0]}.pt").is_file()
