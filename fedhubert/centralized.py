@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from fedhubert.checkpoint import read_checkpoint, save_checkpoint
 from fedhubert.config import Config, config_from_dict
-from fedhubert.data import derive_seed, make_loader, read_manifest
+from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.errors import DataError
 from fedhubert.federation.task import build_model
 from fedhubert.fileio import atomic_write_text
@@ -101,10 +102,13 @@ def pooled_config(cfg: Config, pooled_parts: Path) -> Config:
     return config_from_dict(values)
 
 
-def _point(examples: int, model: torch.nn.Module, valid, cfg: Config, device) -> dict[str, float]:
-    """One point of the learning curve: crops trained on so far, validation masked accuracy and loss."""
+def _point(examples: int, model: torch.nn.Module, valid: DataLoader, cfg: Config, device: torch.device
+           ) -> dict[str, float]:
+    """One point of the learning curve: crops trained on so far, validation masked accuracy and loss,
+    and the chance level (majority-cluster share) of the pooled validation labels."""
     metrics = evaluate_local(model, valid, cfg, device)
-    return {"examples": examples, "masked_accuracy": metrics["masked_accuracy"], "loss": metrics["loss"]}
+    return {"examples": examples, "masked_accuracy": metrics["masked_accuracy"], "loss": metrics["loss"],
+            "chance": majority_share(valid.dataset.labels)}
 
 
 def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:

@@ -94,12 +94,10 @@ def read_labels(km: Path, sizes: list[int], num_clusters: int) -> tuple[np.ndarr
     return flat, starts
 
 
-def majority_label_share(client_dir: Path, split: str, num_clusters: int) -> float:
-    """Share of the most frequent cluster among a split's labels: the accuracy of a majority guess,
-    the chance level of masked prediction on that split."""
-    _, _, sizes = read_manifest(client_dir / f"{split}.tsv")
-    labels, _ = read_labels(client_dir / f"{split}.km", sizes, num_clusters)
-    return float(np.bincount(labels.astype(np.int64)).max() / max(len(labels), 1))
+def majority_share(labels: np.ndarray) -> float:
+    """Share of the most frequent cluster among ``labels``: the accuracy of a majority guess, the
+    chance level of masked prediction on those labels."""
+    return float(np.bincount(labels.astype(np.int64)).max() / len(labels)) if len(labels) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from fedhubert.centralized import federated_budget, train_centralized
 from fedhubert.checkpoint import load_checkpoint, save_checkpoint
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
-from fedhubert.data import majority_label_share, make_loader, read_labels, read_manifest
+from fedhubert.data import majority_share, make_loader, read_labels, read_manifest
 from fedhubert.distill import STUDENT
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
 from fedhubert.evaluate import best_checkpoint, probe_row, row_features
@@ -55,7 +55,7 @@ def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, 
     """Masked accuracy and loss (cross-entropy per masked frame) on each (client folder, its head)
     ``split``, seeded masks; the head None keeps the model's own. Returns the frame-weighted means, the
     chance level and per-client figures."""
-    per_client, num_clusters = [], cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS
+    per_client = []
     for folder, head in clients:
         scored = model
         if head is not None:
@@ -65,7 +65,7 @@ def masked_prediction(model: HubertBase, cfg: Config, clients: list[tuple[Path, 
         metrics = evaluate_local(scored, loader, cfg, "cpu")
         per_client.append({"client": folder.name, "masked_accuracy": metrics["masked_accuracy"],
                            "masked_loss": metrics.get("masked_loss", 0.0), "num_masked": metrics.get("num_masked", 0.0),
-                           "chance": majority_label_share(folder, split, num_clusters)})
+                           "chance": majority_share(loader.dataset.labels)})
     weights = np.array([c["num_masked"] for c in per_client]) + 1e-12
     mean = lambda key: float(np.average([c[key] for c in per_client], weights=weights))  # noqa: E731
     return {"masked_accuracy": mean("masked_accuracy"), "masked_loss": mean("masked_loss"), "chance": mean("chance"),
@@ -113,9 +113,7 @@ def row_specs(cfg: Config, out: Path, rows: list[str]) -> list[RowSpec]:
             def masked(ckpt: Path = ckpt, pooled: Path = pooled) -> dict[str, Any]:
                 model, model_cfg, _ = load_checkpoint(ckpt)
                 return masked_prediction(model, model_cfg, [(pooled, None)])
-            chance = majority_label_share(pooled, "valid", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
-            specs.append(RowSpec(name, ckpt, info["examples"], masked,
-                                 [{**point, "chance": chance} for point in info["curve"]]))
+            specs.append(RowSpec(name, ckpt, info["examples"], masked, info["curve"]))
         elif name == "student":
             student = Path(cfg.distillation.checkpoint_dir) / "server" / "best_student_model.pt"
             if not student.is_file():

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from fedhubert.config import Config
-from fedhubert.probes import effective_rank, mean_cosine_similarity
+from fedhubert.data import Batch
+from fedhubert.probes import effective_rank
 
 CHUNK_FRAMES = 25     # 0.5 s at 50 Hz: the unit whose embeddings are compared (2 per 1 s crop)
 MAX_FRAMES = 4000     # frames per layer for the SVD
@@ -29,34 +30,54 @@ def health_layers(num_layers: int) -> dict[str, int]:
     return {"first": 1, "mid": max(1, (num_layers + 1) // 2), "last": num_layers}
 
 
-@torch.no_grad()
-def representation_health(encoder: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-                          seed: int) -> dict[str, float]:
-    """``health_rank_<where>`` and ``health_cos_<where>`` of ``encoder`` (a HubertBase) on ``loader``'s
-    audio, in eval mode; the model's training mode is restored."""
-    was_training = encoder.training
-    encoder.to(device).eval()
-    layers = health_layers(encoder.cfg.num_hidden_layers)
-    frames: dict[str, list[np.ndarray]] = {w: [] for w in WHERE}
-    chunks: dict[str, list[np.ndarray]] = {w: [] for w in WHERE}
-    for batch in loader:
-        batch = batch.to(device)
-        hidden, padding = encoder.extract_hidden_states(batch.waveforms, batch.padding_mask)
+class HealthMeter:
+    """Collects the health figures of ``encoder`` (a HubertBase) batch by batch, during the validation
+    pass itself (``evaluate_local(..., observe=meter.update)``), so the audio is decoded once. Memory
+    stays bounded: a uniform random sample of MAX_FRAMES frames per layer (the smallest random keys
+    seen so far) for the effective rank, and a running sum of unit chunk embeddings for the cosine
+    (the mean pairwise cosine of n unit vectors u_i is (|sum u_i|^2 - sum |u_i|^2) / (n (n - 1)))."""
+
+    def __init__(self, encoder: torch.nn.Module, seed: int) -> None:
+        self.encoder, self.rng = encoder, np.random.default_rng(seed)
+        self.layers = health_layers(encoder.cfg.num_hidden_layers)
+        self.sample: dict[str, tuple[np.ndarray, np.ndarray] | None] = {w: None for w in WHERE}  # (keys, frames)
+        self.unit_sum: dict[str, np.ndarray | float] = {w: 0.0 for w in WHERE}
+        self.unit_sq: dict[str, float] = {w: 0.0 for w in WHERE}  # sum of |u_i|^2: 1 per chunk, 0 if all-zero
+        self.chunks = 0
+
+    @torch.no_grad()
+    def update(self, batch: Batch) -> None:
+        was_training = self.encoder.training
+        self.encoder.eval()  # no dropout, no layerdrop, no masking: what a downstream user extracts
+        hidden, padding = self.encoder.extract_hidden_states(batch.waveforms, batch.padding_mask)
+        self.encoder.train(was_training)
         lengths = [hidden[0].shape[1]] * len(batch) if padding is None else (~padding).sum(1).tolist()
-        for where, index in layers.items():
-            for b, length in enumerate(lengths):
-                x = hidden[index][b, :length].float().cpu().numpy()
-                frames[where].append(x)
-                chunks[where] += [c.mean(0) for c in np.array_split(x, max(1, round(length / CHUNK_FRAMES)))]
-    encoder.train(was_training)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for where in WHERE:
-        stacked = np.concatenate(frames[where])
-        pick = np.sort(rng.choice(len(stacked), size=min(MAX_FRAMES, len(stacked)), replace=False))
-        out[f"health_rank_{where}"] = effective_rank(stacked[pick])
-        out[f"health_cos_{where}"] = mean_cosine_similarity(np.stack(chunks[where])) if len(chunks[where]) > 1 else 0.0
-    return out
+        for where, index in self.layers.items():
+            per_item = [hidden[index][b, :length].float().cpu().numpy() for b, length in enumerate(lengths)]
+            self._keep(where, np.concatenate(per_item))
+            units = np.stack([c.mean(0) for x in per_item
+                              for c in np.array_split(x, max(1, round(len(x) / CHUNK_FRAMES)))]).astype(np.float64)
+            norms = np.linalg.norm(units, axis=1, keepdims=True)
+            unit = np.divide(units, norms, out=np.zeros_like(units), where=norms > 0)
+            self.unit_sum[where] = self.unit_sum[where] + unit.sum(0)
+            self.unit_sq[where] += float(np.sum(unit * unit))
+        self.chunks += len(units)  # the same chunks at every layer
+
+    def _keep(self, where: str, frames: np.ndarray) -> None:
+        keys = self.rng.random(len(frames))
+        if self.sample[where] is not None:
+            keys, frames = np.concatenate([self.sample[where][0], keys]), np.concatenate([self.sample[where][1], frames])
+        keep = np.argsort(keys)[:MAX_FRAMES]
+        self.sample[where] = (keys[keep], frames[keep])
+
+    def result(self) -> dict[str, float]:
+        """``health_rank_<where>`` and ``health_cos_<where>`` for the first, middle and last layer."""
+        out, n = {}, self.chunks
+        for where in WHERE:
+            out[f"health_rank_{where}"] = effective_rank(self.sample[where][1]) if self.sample[where] is not None else 0.0
+            total = np.asarray(self.unit_sum[where])
+            out[f"health_cos_{where}"] = float((total @ total - self.unit_sq[where]) / (n * (n - 1))) if n > 1 else 0.0
+        return out
 
 
 def collapse_reasons(val: dict[str, Any], baseline: dict[str, Any], cfg: Config) -> list[str]:

@@ -284,10 +284,11 @@ def train_local(model: torch.nn.Module, loader: torch.utils.data.DataLoader, cfg
 @torch.no_grad()
 def evaluate_local(model: torch.nn.Module, loader: torch.utils.data.DataLoader, cfg: Config,
                    device: torch.device | str, loss_fn: LossFn | None = None, *,
-                   seed: int | None = None) -> dict[str, float]:
+                   seed: int | None = None, observe: Callable[[Batch], None] | None = None) -> dict[str, float]:
     """Loss and accuracies over ``loader`` in eval mode. Masking is seeded (``seed``, default
     cfg.seed), so the same model and data give the same numbers every round. An empty loader gives
-    num_examples 0 and zero metrics."""
+    num_examples 0 and zero metrics. ``observe`` sees every batch (on the device) after the loss, so
+    other figures can share the pass instead of decoding the audio again."""
     device = torch.device(device)
     loss_fn = loss_fn or pretraining_loss(cfg)
     was_training = model.training
@@ -298,6 +299,8 @@ def evaluate_local(model: torch.nn.Module, loader: torch.utils.data.DataLoader, 
             batch = batch.to(device)
             out = loss_fn(model, batch)
             meter.add(float(out.loss), out.metrics, len(batch))
+            if observe is not None:
+                observe(batch)
     model.train(was_training)
     result = meter.result()
     for key in ("loss", "masked_accuracy", "unmasked_accuracy", "perplexity"):

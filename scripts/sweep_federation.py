@@ -10,14 +10,15 @@ skipped when the sweep is started again, so it can be stopped and resumed. Write
 
     python scripts/sweep_federation.py --config configs/demo.yaml --grid strategies --out sweeps/demo
     python scripts/sweep_federation.py --config configs/demo.yaml --grid drift --out sweeps/demo-drift
-    python scripts/sweep_federation.py --config configs/cpu_hour.yaml --grid strategies --only fedadam --out sweeps/hour
+    python scripts/sweep_federation.py --config configs/cpu_hour.yaml --grid strategies --only fedadam,fedavg --out sweeps/hour
 
 Grids:
   strategies  fedavg (Flower's plain weighted mean); fedavgm with server learning rate 0.1, 0.3, 1.0
               (momentum 0.9: an effective step of 1x to 10x the mean update); fedadam and fedyogi with
               eta in {1e-3, 3e-3, 1e-2, 3e-2} x tau in {1e-9, 1e-3}
-  drift       the base strategy at a fixed number of local steps per client: rounds x steps =
-              2 x 60, 4 x 30, 6 x 20, 12 x 10 (client drift against communication)
+  drift       the base strategy at the base config's total local steps per client T = num_rounds x
+              max_local_steps, split as rounds x steps = T/80 x 80, T/40 x 40, T/20 x 20, T/10 x 10
+              (for the demo's 8 x 20: 2 x 80, 4 x 40, 8 x 20, 16 x 10): client drift against communication
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fedhubert.config import load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
 
 ETAS, TAUS = ("1e-3", "3e-3", "1e-2", "3e-2"), ("1e-9", "1e-3")
 
 
-def grid(name: str) -> dict[str, list[str]]:
-    """Run name -> its --set overrides."""
+def grid(name: str, total_steps: int) -> dict[str, list[str]]:
+    """Run name -> its --set overrides (``total_steps``: local steps per client over the base run)."""
     if name == "strategies":
         runs = {"fedavg": ["federation.strategy=fedavg"]}
         runs |= {f"fedavgm-lr{lr}": ["federation.strategy=fedavgm", f"federation.eta={lr}"] for lr in ("0.1", "0.3", "1.0")}
@@ -45,8 +47,12 @@ def grid(name: str) -> dict[str, list[str]]:
                  for s in ("fedadam", "fedyogi") for eta in ETAS for tau in TAUS}
         return runs
     if name == "drift":
+        splits = [(total_steps // s, s) for s in (80, 40, 20, 10) if total_steps % s == 0 and total_steps >= s]
+        if not splits:
+            raise SystemExit("--grid drift needs training.max_local_steps > 0 and federation.num_rounds x "
+                             f"training.max_local_steps a multiple of 10, got {total_steps}")
         return {f"rounds{r}-steps{s}": [f"federation.num_rounds={r}", f"training.max_local_steps={s}",
-                                        "training.local_epochs=1000"] for r, s in ((2, 60), (4, 30), (6, 20), (12, 10))}
+                                        "training.local_epochs=1000"] for r, s in splits}
     raise SystemExit(f"unknown grid {name!r} (strategies, drift)")
 
 
@@ -55,6 +61,12 @@ def run(args: list[str], log: Path) -> None:
         done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:1])} failed (exit {done.returncode}); see {log}")
+
+
+def selected(name: str, only: str) -> bool:
+    """``only`` is a comma-separated list of names or name prefixes ending at a '-' ("fedavg" is the
+    plain FedAvg run, not "fedavgm-lr0.1"; "fedadam-eta1e-2" is both of its tau runs)."""
+    return not only or any(name == p or name.startswith(p.rstrip("-") + "-") for p in only.split(",") if p)
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -100,20 +112,22 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--grid", default="strategies", choices=("strategies", "drift"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", default="", help="run only the configurations whose name contains this "
-                        "(the table still lists every finished run)")
+    parser.add_argument("--only", default="", help="run only these configurations: comma-separated names or "
+                        "'-'-bounded name prefixes, e.g. fedavg,fedadam-eta1e-2 (the table still lists every finished run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = ["--config", args.config, *sets([f"data.partitions_dir={out / 'partitions'}", *args.overrides])]
+    cfg = load_config(args.config, args.overrides)  # exits with the key's name on a bad override
+    runs = grid(args.grid, cfg.federation.num_rounds * cfg.training.max_local_steps)
     log = out / "sweep.log"
     if not (out / "partitions" / "client_0" / "train.km").is_file():
         run(["partition_data.py", *base], log)
         run(["generate_kmeans_targets.py", *base], log)
     reference_dir = out / "reference"
     if not (reference_dir / "eval" / "evaluation.json").is_file():  # random-init and mfcc need a federated run's
-        first = next(iter(grid(args.grid).values()))                # folder to exist: a 1-round run
+        first = next(iter(runs.values()))                # folder to exist: a 1-round run
         ref = base + sets([*first, f"federation.checkpoint_dir={reference_dir / 'ckpt'}", "federation.num_rounds=1",
                            f"evaluation.output_dir={reference_dir / 'eval'}"])
         run(["federated_hubert_pretraining.py", *ref], log)
@@ -121,11 +135,11 @@ def main() -> None:
     reference = json.loads((reference_dir / "eval" / "evaluation.json").read_text())["rows"]
 
     rows = []
-    for name, overrides in grid(args.grid).items():
+    for name, overrides in runs.items():
         folder = out / "runs" / name
         timing = folder / "seconds.txt"
         finished = (folder / "eval" / "evaluation.json").is_file()
-        if args.only and args.only not in name and not finished:
+        if not finished and not selected(name, args.only):
             continue  # not asked for now (a finished run stays in the table)
         if not finished:
             run_sets = base + sets([*overrides, f"federation.checkpoint_dir={folder / 'ckpt'}",

@@ -14,13 +14,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
-from fedhubert.data import derive_seed, majority_label_share, make_loader, read_manifest
+from fedhubert.config import Config
+from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, client_data_dir, config_from_record, decode_arrays,
                                        encode_arrays, head_files, load_encoder, split_state, targets_fingerprint)
 from fedhubert.federation.tasks import FederatedTask, get_task
 from fedhubert.fileio import atomic_path
-from fedhubert.health import representation_health
+from fedhubert.health import HealthMeter
 from fedhubert.train import evaluate_local, resolve_batch_size, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss_fn = task.client_loss(cfg, pid, context.node_config, data_dir, device)
     batch_size = _batch_size(cfg, model, device, context, data_dir, loss_fn)
     loader = make_loader(data_dir, "valid", cfg, batch_size=batch_size, seed=cfg.seed, train=False)
-    metrics = evaluate_local(model, loader, cfg, device, loss_fn=loss_fn)
-    # what the validation loss cannot see: is the shared encoder collapsing? (health.py)
-    metrics.update(representation_health(getattr(model, "student", model), loader, device, seed=cfg.seed))
-    metrics["masked_chance"] = majority_label_share(data_dir, "valid", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
+    # what the validation loss cannot see, measured in the same pass: is the shared encoder collapsing?
+    health = HealthMeter(getattr(model, "student", model), seed=cfg.seed)
+    metrics = evaluate_local(model, loader, cfg, device, loss_fn=loss_fn, observe=health.update)
+    metrics.update(health.result())
+    metrics["masked_chance"] = majority_share(loader.dataset.labels)
     return Message(content=RecordDict({"metrics": _metrics(metrics, pid)}), reply_to=msg)

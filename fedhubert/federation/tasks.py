@@ -9,14 +9,16 @@ loss, where its files go and how its checkpoints are written; everything else is
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedhubert.checkpoint import export_huggingface, load_checkpoint, read_checkpoint, save_checkpoint
-from fedhubert.config import Config, config_from_dict
+from fedhubert.checkpoint import export_huggingface, load_checkpoint, save_checkpoint
+from fedhubert.config import Config
 from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init_from_teacher, student_config,
                                target_layers)
 from fedhubert.errors import ConfigError, DataError
@@ -85,19 +87,29 @@ def teacher_file(cfg: Config, node_config: dict) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _read_teacher(path: str, stamp: tuple[int, int]) -> tuple[HubertBase, Config, dict[str, Any]]:
+    """The teacher file, read once per process while its (mtime, size) stamp is unchanged: a client
+    builds its student from the teacher's config and its loss from the teacher itself, every round."""
+    return load_checkpoint(path)
+
+
+def _teacher(cfg: Config, node_config: dict) -> tuple[HubertBase, Config, dict[str, Any]]:
+    path = teacher_file(cfg, node_config)
+    stat = path.stat()
+    return _read_teacher(str(path), (stat.st_mtime_ns, stat.st_size))
+
+
 def load_teacher(cfg: Config, node_config: dict) -> tuple[HubertBase, Config, dict[str, Any]]:
-    """The teacher checkpoint (weights_only), frozen; one-line DataError naming the file otherwise."""
-    teacher, teacher_cfg, extras = load_checkpoint(teacher_file(cfg, node_config))
+    """A frozen copy of the teacher (weights_only-loaded; a client puts its own head on its copy), its
+    config and extras; one-line DataError naming the file when it is missing or foreign."""
+    teacher, teacher_cfg, extras = copy.deepcopy(_teacher(cfg, node_config))  # the cache stays untouched
     return freeze(teacher), teacher_cfg, extras
 
 
 def teacher_config(cfg: Config, node_config: dict) -> Config:
-    """The teacher's saved config, without building the teacher."""
-    path = teacher_file(cfg, node_config)
-    state = read_checkpoint(path)
-    if "fedhubert_config" in state:
-        return config_from_dict(state["fedhubert_config"])
-    return load_checkpoint(path)[1]
+    """The teacher's saved config."""
+    return copy.deepcopy(_teacher(cfg, node_config)[1])
 
 
 def teacher_head_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
