@@ -66,13 +66,18 @@ class PartitionConfig:
 
 @dataclass
 class KMeansConfig:
-    n_clusters: int = knob(500, "clusters per client (upper bound; see min_frames_per_cluster)", low=2)
-    min_frames_per_cluster: int = knob(20, "a client fits min(n_clusters, train_frames // this) clusters", low=1)
+    n_clusters: int = knob(500, "clusters per client, or of the shared codebook with codebook=federated (upper bound; see min_frames_per_cluster)", low=2)
+    min_frames_per_cluster: int = knob(20, "a client fits min(n_clusters, train_frames // this) clusters (codebook=federated: all clients' train frames)", low=1)
     n_mfcc: int = knob(13, "MFCC coefficients", low=1, high=40)
     n_mels: int = knob(40, "mel filterbank channels behind the MFCC", low=1, high=128)
     use_deltas: bool = knob(True, "append delta and delta-delta MFCC (39 dims, as HuBERT's first iteration)")
     batch_size: int = knob(10000, "frames per MiniBatchKMeans partial_fit step", low=1)
     fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
+    codebook: str = knob("local", "local: a k-means per client (ids mean something on that client only); federated: one codebook for all clients, fitted by federated k-means", choices=("local", "federated"))
+    max_rounds: int = knob(20, "codebook=federated: most federated k-means rounds after the k-FED initialisation", low=1)
+    tol: float = knob(1e-4, "codebook=federated: stop once the relative change of the total inertia between rounds is below this", low=0.0)
+    k_local: int = knob(0, "codebook=federated: centres of each client's local k-means for the k-FED initialisation (0 = n_clusters)", low=0)
+    update: str = knob("lloyd", "codebook=federated: lloyd (exact Lloyd step on the sampled clients' pooled statistics) or minibatch (running-mean step)", choices=("lloyd", "minibatch"))
 
 
 @dataclass
@@ -199,6 +204,11 @@ class Config:
             if getattr(f, key) > self.partition.num_clients:
                 raise ConfigError(f"federation.{key} ({getattr(f, key)}) exceeds partition.num_clients "
                                   f"({self.partition.num_clients})")
+        k = self.kmeans
+        if k.codebook == "federated" and 0 < k.k_local * self.partition.num_clients < k.n_clusters:
+            raise ConfigError(f"kmeans.k_local ({k.k_local}) x partition.num_clients ({self.partition.num_clients}) "
+                              f"pools fewer local centres than kmeans.n_clusters ({k.n_clusters}) for the k-FED "
+                              f"initialisation: raise kmeans.k_local (0 = n_clusters)")
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
         self._validate_distillation()
