@@ -186,7 +186,7 @@ def converged(prev_inertia: float | None, inertia: float, tol: float) -> bool:
     return abs(prev_inertia - inertia) / max(abs(prev_inertia), 1e-300) < tol
 
 
-def _reservoir(chunks: Iterable[np.ndarray], max_frames: int, rng: np.random.Generator) -> np.ndarray:
+def reservoir_sample(chunks: Iterable[np.ndarray], max_frames: int, rng: np.random.Generator) -> np.ndarray:
     """A uniform sample of at most ``max_frames`` rows from a stream: keep the smallest random keys."""
     rows, keys = None, np.empty(0)
     for chunk in chunks:
@@ -223,7 +223,7 @@ def fit_federated(client_frames: Sequence[Callable[[], Iterable[np.ndarray]]], k
 
     if init is None:
         results = [call(i, "init", lambda i=i: local_centres(
-            _reservoir(client_frames[i](), init_max_frames, np.random.default_rng([seed, i])),
+            reservoir_sample(client_frames[i](), init_max_frames, np.random.default_rng([seed, i])),
             k_local, seed + i, init_max_frames)) for i in range(len(client_frames))]
         ok = [r for r in results if r is not None]
         if not ok:

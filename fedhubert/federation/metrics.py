@@ -21,6 +21,11 @@ DISTILLATION_FIGURES = (("masked_kd_loss", "kd"), ("masked_ce_loss", "ce"), ("hi
                         ("masked_agreement", "agree"))
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrites ``path`` atomically with one JSON line per record (a resumed or rerun stage rewrites it whole)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 class RunMetrics:
     """Keeps the run's history (one dict per round; round 0 = the initial model) and writes it out.
 
@@ -41,7 +46,7 @@ class RunMetrics:
     def add(self, record: dict[str, Any]) -> None:
         """Appends one round's record, rewrites metrics.jsonl atomically, logs scalars."""
         self.history.append(record)
-        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        write_jsonl(self.out_dir / "metrics.jsonl", self.history)
         writer = self._tensorboard()
         for split in ("train", "val"):
             for key, value in record.get(split, {}).items():

@@ -172,10 +172,14 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
 app = ServerApp()
 
 
+def config_from_run_config(run_config: dict) -> Config:
+    """The run's Config from ``[tool.flwr.app.config]``'s ``config`` and ``overrides``."""
+    overrides = str(run_config.get("overrides", "")).split()
+    return load_config(str(run_config.get("config", "configs/pretraining_config.yaml")), overrides)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    overrides = str(run_config.get("overrides", "")).split()
-    cfg = load_config(str(run_config.get("config", "configs/pretraining_config.yaml")), overrides)
-    run_server(grid, cfg, resume=bool(run_config.get("resume", False)),
+    run_server(grid, config_from_run_config(run_config), resume=bool(run_config.get("resume", False)),
                task=get_task(str(run_config.get("task", "pretraining"))))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedhubert.config import Config
 from fedhubert.errors import DataError
@@ -45,25 +45,40 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
     from fedhubert.federation.tasks import get_task
 
     task = get_task(task_name)
+    check_partitions(cfg)
+    task.preflight(cfg)  # e.g. the teacher and every client's teacher head, before anything is written
+
+    from fedhubert.federation.client_app import app as default_client_app
+    from fedhubert.federation.server_app import run_server
+
+    return simulate(cfg, lambda grid: run_server(grid, cfg, resume=resume, task=task), client_app or default_client_app)
+
+
+def run_federated_kmeans(cfg: Config, client_app: Any = None) -> dict[str, Any]:
+    """kmeans.codebook=federated: one MFCC codebook for all clients by federated k-means (kmeans_app.py);
+    every client writes its own train.km and valid.km. ``client_app`` replaces the k-means ClientApp."""
+    from fedhubert.federation.kmeans_app import clientapp, run_kmeans_server
+
+    return simulate(cfg, lambda grid: run_kmeans_server(grid, cfg), client_app or clientapp)
+
+
+def simulate(cfg: Config, serve: Callable[[Any], dict[str, Any]], client_app: Any) -> dict[str, Any]:
+    """Runs ``serve(grid)`` as the ServerApp's main and ``client_app`` on ``cfg.partition.num_clients``
+    virtual SuperNodes (Ray backend, ``cfg.federation``'s client resources); returns what ``serve`` returned."""
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     # Ray's worker processes import the apps: make the package importable there, wherever we run from.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    check_partitions(cfg)
-    task.preflight(cfg)  # e.g. the teacher and every client's teacher head, before anything is written
 
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
-
-    from fedhubert.federation.client_app import app as default_client_app
-    from fedhubert.federation.server_app import run_server
 
     result: dict[str, Any] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
-        result.update(run_server(grid, cfg, resume=resume, task=task))
+        result.update(serve(grid))
 
     f = cfg.federation
     backend_config = {
@@ -71,7 +86,7 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=server_app, client_app=client_app or default_client_app,
+    run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=cfg.partition.num_clients, backend_config=backend_config)
     if not result:
         raise RuntimeError("the simulation ended without a result from the ServerApp (see the log above)")

@@ -37,7 +37,7 @@ class RoundReport:
     bytes_received: dict[int, int] = field(default_factory=dict)  # per partition id, client → server
 
 
-def _finite(values: Iterable[np.ndarray | float]) -> bool:
+def all_finite(values: Iterable[np.ndarray | float]) -> bool:
     return all(np.isfinite(v).all() for v in values)
 
 
@@ -106,11 +106,11 @@ class RobustStrategy:
                 record = msg.content[self.arrayrecord_key]
                 report.bytes_received[pid] = payload_bytes(record)
                 decoded = {k: decode_array(a) for k, a in record.items()}
-                if not _finite(decoded.values()):
+                if not all_finite(decoded.values()):
                     report.failed.append((f"client {pid}", "update contains NaN/Inf"))
                     continue
                 msg.content[self.arrayrecord_key] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
-            if not _finite(v for v in metrics.values() if not isinstance(v, list)):
+            if not all_finite(v for v in metrics.values() if not isinstance(v, list)):
                 report.failed.append((f"client {pid}", "metrics contain NaN/Inf"))
                 continue
             msg.content["metrics"] = MetricRecord(metrics)  # without partition-id: not a quantity to average
