@@ -1,8 +1,10 @@
-"""First-iteration HuBERT targets: MFCC (+ deltas) frames clustered by a k-means model per client.
+"""First-iteration HuBERT targets: MFCC (+ deltas) frames clustered by k-means.
 
-Each client fits its own MiniBatchKMeans on its own training split only (client-specific ids, never
-comparable across clients), then labels every utterance of its train and valid splits, one ``.km``
-line per ``.tsv`` line with exactly ``num_frames(num_samples)`` ids.
+With ``kmeans.codebook: local`` each client fits its own MiniBatchKMeans on its own training split
+only (client-specific ids, never comparable across clients); with ``federated`` all clients fit one
+shared codebook by federated k-means (federation/kmeans_app.py). Either way every client labels
+every utterance of its train and valid splits, one ``.km`` line per ``.tsv`` line with exactly
+``num_frames(num_samples)`` ids.
 
 Memory stays flat however large the corpus: utterances are decoded one at a time and their frames
 go through a single preallocated chunk of ``kmeans.batch_size`` rows fed to ``partial_fit``.
@@ -31,6 +33,7 @@ from fedhubert.fileio import atomic_path
 from fedhubert.partition import SPLITS, client_dir
 
 log = logging.getLogger(__name__)
+CODEBOOK_FILE = "codebook.npy"  # kmeans.codebook=federated: the clients' shared codebook, under data.partitions_dir
 
 
 class MfccFeatures:
@@ -131,7 +134,9 @@ def fit_kmeans(passes: Callable[[int], Iterable[np.ndarray]], dim: int, n_cluste
 
 
 def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: str) -> None:
-    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path)."""
+    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path).
+
+    ``km`` is anything with ``predict(frames [N, D]) -> ids [N]`` (a fitted k-means, or a codebook)."""
     with open(target, "w") as handle:
         for i, feats in frames.stream(range(len(frames)), desc):
             labels = km.predict(feats)
@@ -139,6 +144,16 @@ def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: s
                 raise DataError(f"{frames.root / frames.paths[i]}: {len(labels)} labels, expected "
                                 f"num_frames({frames.sizes[i]}) = {num_frames(frames.sizes[i])}")
             handle.write(" ".join(map(str, labels.tolist())) + "\n")
+
+
+@contextlib.contextmanager
+def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Path) -> Iterator[contextlib.ExitStack]:
+    """Writes ``<split>.km`` of every split into ``folder``; all of them (and whatever the caller adds
+    to the yielded stack with ``atomic_path``) appear together, once the block succeeds, or none."""
+    with contextlib.ExitStack() as stack:
+        for s, frames in splits.items():
+            write_labels(km, frames, stack.enter_context(atomic_path(folder / f"{s}.km")), f"{folder.name} label {s}")
+        yield stack
 
 
 def client_targets(cfg: Config, k: int, features: MfccFeatures) -> dict:
@@ -162,9 +177,7 @@ def client_targets(cfg: Config, k: int, features: MfccFeatures) -> dict:
         return (feats for _, feats in train.stream(order, f"{d.name} fit {p + 1}/{passes}"))
 
     km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
-    with contextlib.ExitStack() as stack:
-        for s, frames in splits.items():
-            write_labels(km, frames, stack.enter_context(atomic_path(d / f"{s}.km")), f"{d.name} label {s}")
+    with label_files(km, splits, d) as stack:
         joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
     info = {"client": k, "n_clusters": n_clusters, "train_frames": train_frames,
             "train_utterances": len(splits["train"]), "valid_utterances": len(splits["valid"])}
@@ -188,7 +201,8 @@ def parse_clients(text: str | None, num_clients: int) -> list[int]:
 
 
 def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
-    """generate_kmeans_targets.py: k-means targets for every (or the chosen) client."""
+    """generate_kmeans_targets.py: k-means targets for every (or the chosen) client; with
+    ``kmeans.codebook: federated`` one codebook for all clients, by a Flower simulation."""
     out = Path(cfg.data.partitions_dir)
     summary_path = out / "summary.json"
     if not summary_path.is_file():
@@ -203,11 +217,22 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         if was != have:
             raise ConfigError(f"{key} is {have} but the partitions in {out} were made with {was}; "
                               f"pass the same --set overrides as to partition_data.py")
+    federated = cfg.kmeans.codebook == "federated"
+    if federated and clients is not None:
+        raise ConfigError(f"--clients {clients}: kmeans.codebook=federated fits one codebook with every client; "
+                          f"drop --clients (or use kmeans.codebook=local)")
     ids = parse_clients(clients, cfg.partition.num_clients)
     features = MfccFeatures(cfg)
     for k in ids:  # fail before any fitting if a manifest is missing
         for s in SPLITS:
             read_manifest(client_dir(out, k) / f"{s}.tsv")
+    if federated:
+        from fedhubert.federation.simulation import run_federated_kmeans  # imports Flower: only when needed
+
+        return run_federated_kmeans(cfg)["clients"]
+    if (out / CODEBOOK_FILE).exists():
+        log.warning("removing %s: with kmeans.codebook=local the clients' ids no longer share it", out / CODEBOOK_FILE)
+        (out / CODEBOOK_FILE).unlink()
     with single_torch_thread():
         return [client_targets(cfg, k, features) for k in ids]
 

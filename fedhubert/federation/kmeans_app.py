@@ -1,0 +1,306 @@
+"""Federated k-means as a Flower app: one MFCC codebook for all clients (``kmeans.codebook: federated``).
+
+The ServerApp sends three kinds of message, each answered by the ClientApp below; no frame ever
+leaves a client (fedkmeans.py has the algorithm and its guarantees):
+
+- ``train.kmeans_init`` (every client): the client streams its train split's MFCC frames, keeps a
+  uniform sample of at most :data:`INIT_MAX_FRAMES`, fits a local k-means of ``kmeans.k_local``
+  centres (0 = n_clusters) and returns only those centres and their counts (k-FED); the server
+  seeds the codebook from the pooled centres (:func:`fedkmeans.initial_codebook`).
+- ``train.kmeans_stats`` (the sampled clients, every round): the client assigns its train frames to
+  the codebook and returns its :class:`ClusterStats` only: float32 sums, counts, inertia and frame
+  count (:func:`fedkmeans.message_bytes`). The server applies ``lloyd_update`` or
+  ``minibatch_update`` and stops when ``converged`` (``kmeans.tol``) or after ``kmeans.max_rounds``.
+- ``query.kmeans_label`` (every client): the client labels its train and valid splits with the
+  final codebook and writes its own ``train.km``/``valid.km`` (targets.label_files): the server
+  writes no client file.
+
+A client that raises or replies with unusable numbers is left out of that step with a warning; a
+step goes on while ``federation.min_fit_clients`` succeed; the initialisation and the labelling go
+to all ``partition.num_clients`` clients, and labelling needs every one of them. The
+server writes ``codebook.npy`` and ``kmeans_metrics.jsonl`` (one line per round) under
+``data.partitions_dir``, and one console line per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedhubert import fedkmeans
+from fedhubert.config import Config
+from fedhubert.data import derive_seed
+from fedhubert.errors import DataError, FederationError
+from fedhubert.federation.metrics import write_jsonl
+from fedhubert.federation.server_app import config_from_run_config
+from fedhubert.federation.strategy import RoundReport, all_finite
+from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
+from fedhubert.fileio import atomic_open
+from fedhubert.partition import SPLITS
+from fedhubert.targets import CODEBOOK_FILE, MfccFeatures, SplitFrames, cluster_count, label_files, single_torch_thread
+
+log = logging.getLogger(__name__)
+
+INIT_MAX_FRAMES = 20_000  # frames of a client's uniform sample for its local k-FED k-means
+METRICS_FILE = "kmeans_metrics.jsonl"
+INIT, STATS, LABEL = "train.kmeans_init", "train.kmeans_stats", "query.kmeans_label"
+
+
+# --- the wire ------------------------------------------------------------------------------------
+
+def stats_record(stats: fedkmeans.ClusterStats) -> ArrayRecord:
+    """A client's round reply: float32 sums, int64 counts, float64 inertia, int64 frame count."""
+    return ArrayRecord({"sums": Array(stats.sums.astype(np.float32)), "counts": Array(stats.counts.astype(np.int64)),
+                        "inertia": Array(np.array([stats.inertia], np.float64)),
+                        "num_frames": Array(np.array([stats.num_frames], np.int64))})
+
+
+def stats_from_record(record: ArrayRecord, k: int, d: int) -> fedkmeans.ClusterStats:
+    """The statistics of a reply, in float64; ValueError (the reason) when they are unusable."""
+    a = {name: record[name].numpy() for name in ("sums", "counts", "inertia", "num_frames")}
+    if a["sums"].shape != (k, d) or a["counts"].shape != (k,):
+        raise ValueError(f"statistics of shape {a['sums'].shape}/{a['counts'].shape}, expected ({k}, {d})/({k},)")
+    stats = fedkmeans.ClusterStats(a["sums"].astype(np.float64), a["counts"].astype(np.int64),
+                                   float(a["inertia"][0]), int(a["num_frames"][0]))
+    if not all_finite([stats.sums, stats.inertia]):
+        raise ValueError("statistics contain NaN/Inf")
+    if (stats.counts < 0).any() or stats.counts.sum() != stats.num_frames or stats.inertia < 0:
+        raise ValueError(f"counts (sum {stats.counts.sum()}) do not add up to num_frames {stats.num_frames}")
+    return stats
+
+
+def codebook_record(codebook: np.ndarray) -> ArrayRecord:
+    """The codebook going to the clients, in float64: they label with exactly what codebook.npy holds."""
+    return ArrayRecord({"codebook": Array(np.asarray(codebook, np.float64))})
+
+
+# --- the ClientApp -------------------------------------------------------------------------------
+
+class CodebookLabels:
+    """``predict`` as a fitted k-means has it (targets.write_labels): every frame's nearest codeword."""
+
+    def __init__(self, codebook: np.ndarray) -> None:
+        self.codebook = codebook
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        return fedkmeans.assign(self.codebook, frames)
+
+
+def _client(msg: Message, context: Context) -> tuple[Config, int, Path]:
+    cfg = config_from_record(msg.content["config"])
+    pid = int(context.node_config["partition-id"])
+    return cfg, pid, client_data_dir(cfg, pid, context.node_config)
+
+
+def _splits(cfg: Config, data_dir: Path, splits: tuple[str, ...] = ("train",)) -> dict[str, SplitFrames]:
+    features = MfccFeatures(cfg)
+    return {s: SplitFrames(data_dir / f"{s}.tsv", features, cfg.data.sample_rate) for s in splits}
+
+
+def _utterances(frames: SplitFrames) -> Iterator[np.ndarray]:
+    """The split's frames, one utterance at a time: memory stays flat whatever the split's size."""
+    return (frames.utterance(i) for i in range(len(frames)))
+
+
+def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+clientapp = ClientApp()
+
+
+@clientapp.train("kmeans_init")
+def kmeans_init(msg: Message, context: Context) -> Message:
+    cfg, pid, data_dir = _client(msg, context)
+    train, seed = _splits(cfg, data_dir)["train"], derive_seed(cfg.seed, "kmeans", pid)
+    with single_torch_thread():
+        sample = fedkmeans.reservoir_sample(_utterances(train), INIT_MAX_FRAMES,
+                                            np.random.default_rng(derive_seed(seed, "sample")))
+    centres, counts = fedkmeans.local_centres(sample, cfg.kmeans.k_local or cfg.kmeans.n_clusters, seed, INIT_MAX_FRAMES)
+    arrays = ArrayRecord({"centres": Array(centres.astype(np.float32)), "counts": Array(counts.astype(np.int64))})
+    return _reply(msg, {"partition-id": pid, "num-frames": train.num_frames}, arrays)
+
+
+@clientapp.train("kmeans_stats")
+def kmeans_stats(msg: Message, context: Context) -> Message:
+    cfg, pid, data_dir = _client(msg, context)
+    codebook = msg.content["arrays"]["codebook"].numpy()
+    with single_torch_thread():
+        stats = fedkmeans.client_stats(codebook, _utterances(_splits(cfg, data_dir)["train"]))
+    return _reply(msg, {"partition-id": pid}, stats_record(stats))
+
+
+@clientapp.query("kmeans_label")
+def kmeans_label(msg: Message, context: Context) -> Message:
+    cfg, pid, data_dir = _client(msg, context)
+    splits = _splits(cfg, data_dir, SPLITS)
+    with single_torch_thread(), label_files(CodebookLabels(msg.content["arrays"]["codebook"].numpy()), splits, data_dir):
+        pass
+    # a per-client k-means of an earlier kmeans.codebook=local run: its ids are not these ones
+    (data_dir / "kmeans.joblib").unlink(missing_ok=True)
+    return _reply(msg, {"partition-id": pid, "train-frames": splits["train"].num_frames,
+                        "train-utterances": len(splits["train"]), "valid-utterances": len(splits["valid"])})
+
+
+# --- the ServerApp -------------------------------------------------------------------------------
+
+def _exchange(grid: Grid, cfg: Config, rnd: int, nodes: list[int], message_type: str,
+              arrays: ArrayRecord | None, parse: Callable[[Message], Any], need: int,
+              what: str) -> tuple[dict[int, Any], RoundReport]:
+    """Sends one message to each of ``nodes`` (its config: the run's and ``server-round`` = ``rnd``); returns {partition id: parse(reply)} of the good replies
+    and the step's report. A reply that is an error, or that ``parse`` rejects (ValueError), is left
+    out with a warning; FederationError when fewer than ``need`` are good."""
+    report = RoundReport(sampled=len(nodes))
+    config = config_record(cfg, **{"server-round": rnd})
+    messages = []
+    for node in nodes:
+        content = RecordDict({"config": config})
+        if arrays is not None:
+            content["arrays"] = arrays
+            report.bytes_sent[node] = payload_bytes(arrays)
+        messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+    good: dict[int, Any] = {}
+    for msg in replies:
+        if msg.has_error():
+            last = [line for line in str(msg.error.reason).splitlines() if line.strip()][-1:]  # not Ray's traceback
+            report.failed.append((f"node {msg.metadata.src_node_id}", f"client raised: {''.join(last).strip()}"))
+            continue
+        pid = int(msg.content["metrics"]["partition-id"])
+        if "arrays" in msg.content:
+            report.bytes_received[pid] = payload_bytes(msg.content["arrays"])
+        try:
+            good[pid] = parse(msg)
+        except (ValueError, KeyError) as exc:
+            report.failed.append((f"client {pid}", str(exc)))
+    answered = {msg.metadata.src_node_id for msg in replies}
+    report.failed += [(f"node {n}", "no reply within federation.round_timeout") for n in nodes if n not in answered]
+    for who, why in report.failed:
+        log.warning("k-means %s: left out: %s: %s", what, who, why)
+    report.succeeded = sorted(good)
+    if len(good) < need:
+        raise FederationError(f"k-means {what}: {len(good)} of {len(nodes)} clients succeeded, {need} needed "
+                              f"({'; '.join(f'{w}: {r}' for w, r in report.failed) or 'no replies'}); stopping")
+    return dict(sorted(good.items())), report
+
+
+def _parse_init(dim: int) -> Callable[[Message], tuple[np.ndarray, np.ndarray, int]]:
+    def parse(msg: Message) -> tuple[np.ndarray, np.ndarray, int]:
+        centres, counts = msg.content["arrays"]["centres"].numpy(), msg.content["arrays"]["counts"].numpy()
+        if centres.ndim != 2 or centres.shape[1] != dim or counts.shape != (len(centres),) or not len(centres):
+            raise ValueError(f"local centres of shape {centres.shape} (counts {counts.shape}), expected [k, {dim}]")
+        if not all_finite([centres]) or (counts < 0).any():
+            raise ValueError("local centres contain NaN/Inf or negative counts")
+        return centres, counts, int(msg.content["metrics"]["num-frames"])
+    return parse
+
+
+def _step(report: RoundReport, **values: Any) -> dict[str, Any]:
+    """A kmeans_metrics.jsonl record: the step's figures and what its clients did and sent."""
+    up = {str(pid): report.bytes_received.get(pid, 0) for pid in report.succeeded}
+    return {**values, "clients_sampled": report.sampled, "clients_ok": len(report.succeeded),
+            "clients_failed": len(report.failed), "failures": [f"{w}: {r}" for w, r in report.failed],
+            "bytes_up_per_client": up, "bytes_up_total": sum(up.values()),
+            "bytes_down_per_client": next(iter(report.bytes_sent.values()), 0)}
+
+
+def _line(r: dict[str, Any]) -> str:
+    """The one console line per round."""
+    head = (f"k-means init | {r['local_centres']} local centres -> codebook {r['n_clusters']} x {r['dim']}"
+            if r["round"] == 0 else
+            f"k-means round {r['round']} | inertia {r['inertia']:.6g} ({r['inertia_per_frame']:.4g} per frame) | "
+            f"clusters used {r['clusters_used']}/{r['n_clusters']}, reseeded {r['reseeded']}")
+    return (f"{head} | clients {r['clients_ok']}/{r['clients_sampled']} ok | up {r['bytes_up_total'] / 1024:.1f} KiB "
+            f"({r['bytes_up_total'] / max(r['clients_ok'], 1) / 1024:.1f} per client) | {r['round_time_s']:.1f} s")
+
+
+def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
+    """k-FED initialisation, federated Lloyd (or mini-batch) rounds, then every client labels its splits."""
+    cfg = absolutize_paths(cfg)
+    k, f = cfg.kmeans, cfg.federation
+    out = Path(cfg.data.partitions_dir)
+    dim, need = MfccFeatures(cfg).dim, f.min_fit_clients
+    history: list[dict[str, Any]] = []
+
+    def add(record: dict[str, Any], t0: float) -> None:
+        record["round_time_s"] = round(time.perf_counter() - t0, 3)
+        history.append(record)
+        write_jsonl(out / METRICS_FILE, history)
+        log.info(_line(record))
+
+    t0 = time.perf_counter()
+    # Every client takes part in the initialisation and the labelling: wait for all of them to connect.
+    _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
+    local, report = _exchange(grid, cfg, 0, sorted(nodes), INIT, None, _parse_init(dim), need, "initialisation")
+    total_frames = sum(frames for _, _, frames in local.values())
+    n_clusters = cluster_count(total_frames, cfg, "the clients together")
+    try:
+        codebook = fedkmeans.initial_codebook([c for c, _, _ in local.values()], n_clusters,
+                                              derive_seed(cfg.seed, "kmeans-init"), [n for _, n, _ in local.values()])
+    except ValueError as exc:
+        raise DataError(f"k-means initialisation: {exc}") from None
+    add(_step(report, round=0, n_clusters=n_clusters, dim=dim, train_frames=total_frames,
+              local_centres=sum(len(c) for c, _, _ in local.values())), t0)
+
+    running, prev, converged = np.zeros(n_clusters, np.int64), None, False
+    for rnd in range(1, k.max_rounds + 1):
+        t0 = time.perf_counter()
+        random.seed(derive_seed(cfg.seed, "kmeans-sample", rnd))  # Flower's sample_nodes draws with `random`
+        size = min(len(nodes), max(need, int(len(nodes) * f.fraction_fit)))
+        sampled, nodes = sample_nodes(grid, f.min_available_clients, size)
+        stats, report = _exchange(grid, cfg, rnd, sorted(sampled), STATS, codebook_record(codebook),
+                                  lambda m: stats_from_record(m.content["arrays"], n_clusters, dim), need,
+                                  f"round {rnd}")
+        total = sum(stats.values(), fedkmeans.ClusterStats.zeros(n_clusters, dim))
+        if total.num_frames == 0:
+            raise DataError(f"k-means round {rnd}: the clients {sorted(stats)} have no training frames")
+        reseeded: list[int] = []
+        if k.update == "lloyd":
+            codebook, info = fedkmeans.lloyd_update(codebook, total, seed=derive_seed(cfg.seed, "kmeans-reseed", rnd))
+            reseeded = info["reseeded"]
+        else:
+            codebook, running = fedkmeans.minibatch_update(codebook, running, total)
+        per_frame = total.inertia / max(total.num_frames, 1)  # comparable when rounds see different clients
+        add(_step(report, round=rnd, n_clusters=n_clusters, inertia=total.inertia, inertia_per_frame=per_frame,
+                  num_frames=total.num_frames, clusters_used=int((total.counts > 0).sum()),
+                  reseeded=len(reseeded)), t0)
+        if fedkmeans.converged(prev, per_frame, k.tol):
+            converged = True
+            break
+        prev = per_frame
+
+    with atomic_open(out / CODEBOOK_FILE, "wb") as handle:
+        np.save(handle, codebook)
+    log.info("k-means: wrote %s (%d x %d, %s after %d rounds); the clients label their splits", out / CODEBOOK_FILE,
+             n_clusters, dim, "converged" if converged else "kmeans.max_rounds reached", len(history) - 1)
+    _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
+    nodes = sorted(nodes)
+    labelled, _ = _exchange(grid, cfg, len(history), nodes, LABEL, codebook_record(codebook),
+                            lambda m: dict(m.content["metrics"]), len(nodes), "labelling")
+    clients = [{"client": pid, "n_clusters": n_clusters, "train_frames": int(m["train-frames"]),
+                "train_utterances": int(m["train-utterances"]), "valid_utterances": int(m["valid-utterances"])}
+               for pid, m in labelled.items()]
+    log.info("k-means: clients %s wrote train.km and valid.km (%d clusters)", sorted(labelled), n_clusters)
+    return {"codebook": str(out / CODEBOOK_FILE), "n_clusters": n_clusters, "converged": converged,
+            "history": history, "clients": clients}
+
+
+# --- `flwr run` entry point: pyproject.toml's serverapp/clientapp set to kmeans_app:serverapp/clientapp ----
+serverapp = ServerApp()
+
+
+@serverapp.main()
+def main(grid: Grid, context: Context) -> None:
+    run_kmeans_server(grid, config_from_run_config(context.run_config))
