@@ -75,7 +75,7 @@ class KMeansConfig:
     fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
     codebook: str = knob("local", "local: a k-means per client (ids mean something on that client only); federated: one codebook for all clients, fitted by federated k-means", choices=("local", "federated"))
     max_rounds: int = knob(20, "codebook=federated: most federated k-means rounds after the k-FED initialisation", low=1)
-    tol: float = knob(1e-4, "codebook=federated: stop once the relative change of the total inertia between rounds is below this", low=0.0)
+    tol: float = knob(1e-4, "codebook=federated: stop once the relative change of the inertia per frame between rounds is below this", low=0.0)
     k_local: int = knob(0, "codebook=federated: centres of each client's local k-means for the k-FED initialisation (0 = n_clusters)", low=0)
     update: str = knob("lloyd", "codebook=federated: lloyd (exact Lloyd step on the sampled clients' pooled statistics) or minibatch (running-mean step)", choices=("lloyd", "minibatch"))
 
