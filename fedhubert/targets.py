@@ -26,7 +26,7 @@ from sklearn.cluster import MiniBatchKMeans
 from tqdm import tqdm
 
 from fedhubert.audio import load_audio
-from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, Config, num_frames
+from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, num_frames
 from fedhubert.data import derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.fileio import atomic_path
@@ -183,6 +183,36 @@ def client_targets(cfg: Config, k: int, features: MfccFeatures) -> dict:
             "train_utterances": len(splits["train"]), "valid_utterances": len(splits["valid"])}
     log.info("%s: wrote train.km, valid.km, kmeans.joblib (%d clusters)", d.name, n_clusters)
     return info
+
+
+def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmeans.codebook is federated") -> Path:
+    """kmeans.codebook=federated, before a training stage starts: ``<data.partitions_dir>/codebook.npy``
+    must exist (generate_kmeans_targets.py writes it only with kmeans.codebook=federated and deletes
+    it with local), its K clusters must fit the label space (``vocab_size`` >= K + 4; default
+    model.vocab_size), and no client folder here may still hold a per-client ``kmeans.joblib`` (its
+    labels are not the codebook's: the federated labelling never reached it). Returns the path;
+    otherwise one-line DataError naming the file (``why`` says why a codebook is needed)."""
+    out = Path(cfg.data.partitions_dir)
+    path, vocab_size = out / CODEBOOK_FILE, vocab_size or cfg.model.vocab_size
+    if not path.is_file():
+        raise DataError(f"{path} not found but {why}: the targets in {out} were made with per-client k-means; "
+                        "run generate_kmeans_targets.py with kmeans.codebook=federated first (or use kmeans.codebook=local)")
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable codebook ({exc}): rerun generate_kmeans_targets.py") from None
+    if len(shape) != 2 or shape[0] < 2:
+        raise DataError(f"{path}: shape {tuple(shape)} is not a [K, D] codebook: rerun generate_kmeans_targets.py")
+    if vocab_size < shape[0] + NUM_SPECIAL_SYMBOLS:
+        raise DataError(f"{path} has {shape[0]} clusters but model.vocab_size is {vocab_size} (needs at least "
+                        f"{shape[0] + NUM_SPECIAL_SYMBOLS} = K + 4): raise model.vocab_size or remake the codebook "
+                        f"with kmeans.n_clusters <= {vocab_size - NUM_SPECIAL_SYMBOLS}")
+    for k in range(cfg.partition.num_clients):
+        stale = client_dir(out, k) / "kmeans.joblib"
+        if stale.exists():
+            raise DataError(f"{stale}: client {k}'s labels come from its own k-means, not from {path}: rerun "
+                            "generate_kmeans_targets.py with kmeans.codebook=federated")
+    return path
 
 
 def parse_clients(text: str | None, num_clients: int) -> list[int]:

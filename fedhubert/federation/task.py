@@ -1,9 +1,11 @@
 """What the ServerApp and the ClientApp share: which weights travel, how they are encoded on the wire,
 how the run's config travels with the messages, and where a client keeps its files.
 
-Which weights stay on the client is a task's ``is_local`` (see tasks.py). In pretraining only the
-encoder travels: each client's k-means ids mean something on that client alone, so the prediction
-head (``final_proj`` and ``label_embs_concat``) is client state and is never averaged.
+Which weights stay on the client is a task's ``is_local`` (see tasks.py), derived from the codebook
+mode by :func:`head_is_federated` alone. With ``kmeans.codebook: local`` each client's k-means ids mean
+something on that client alone, so the prediction head (``final_proj`` and ``label_embs_concat``) is
+client state and is never averaged: only the encoder travels. With ``federated`` every client's ids come
+from one shared codebook, so the head means the same everywhere and travels with the encoder.
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 
 def is_head_param(name: str) -> bool:
-    """True for the client-specific prediction head, which never leaves its client."""
+    """True for the prediction head (``final_proj``, ``label_embs_concat``), whatever the codebook mode."""
     return name.startswith(HEAD_PARAM_PREFIXES)
+
+
+def head_is_federated(cfg: Config) -> bool:
+    """The one place that decides whether the prediction head travels: with ``kmeans.codebook:
+    federated`` all clients label with one codebook, so the head is aggregated with the encoder;
+    with ``local`` each client's ids are its own, so its head never leaves it. The tasks' ``is_local``
+    (client and server alike) and the later stages (distillation's teacher head, the evaluation's
+    masked prediction) all ask this, of the config the model was trained with."""
+    return cfg.kmeans.codebook == "federated"
 
 
 def split_state(model: torch.nn.Module, is_local: Callable[[str], bool] = is_head_param
@@ -107,8 +118,8 @@ def client_data_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
 
 
 def client_checkpoint_dir(checkpoint_dir: str | Path, partition_id: int, node_config: dict) -> Path:
-    """Where a client keeps its own heads between rounds and runs: the node's ``checkpoint-path``
-    (deployment), else ``<checkpoint_dir>/clients/client_<k>`` of the run."""
+    """Where a client keeps its own heads (kmeans.codebook=local) between rounds and runs: the node's
+    ``checkpoint-path`` (deployment), else ``<checkpoint_dir>/clients/client_<k>`` of the run."""
     if node_config.get("checkpoint-path"):
         return Path(str(node_config["checkpoint-path"]))
     return Path(checkpoint_dir) / "clients" / f"client_{partition_id}"
@@ -134,11 +145,15 @@ def absolutize_paths(cfg: Config) -> Config:
     return cfg
 
 
-def targets_fingerprint(data_dir: Path) -> str:
-    """SHA-1 of a client's ``train.km``: a head trained on these labels records it, so that a later
-    stage can tell when the labels changed under it (re-run k-means: the head's ids mean other sounds)."""
+def file_sha1(path: Path) -> str:
     digest = hashlib.sha1()
-    with open(data_dir / "train.km", "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def targets_fingerprint(data_dir: Path) -> str:
+    """SHA-1 of a client's ``train.km``: a head trained on these labels records it, so that a later
+    stage can tell when the labels changed under it (re-run k-means: the head's ids mean other sounds)."""
+    return file_sha1(data_dir / "train.km")
