@@ -4,9 +4,11 @@ initialisation from the teacher, the frozen teacher with a client's own predicti
 Two losses, selectable and combinable (``distillation.losses``):
 
 - ``logits``: on the student's masked frames, ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
-  + (1 - alpha) * CE(s, labels)``. Teacher and student logits are over the client's own k-means label
-  space: the teacher uses *this client's* prediction head from pretraining, the student's head is
-  client-local as in pretraining.
+  + (1 - alpha) * CE(s, labels)``. Teacher and student logits are over the client's k-means label
+  space. With per-client k-means (``kmeans.codebook: local``) the teacher uses *this client's*
+  prediction head from pretraining and the student's head is client-local; with one shared codebook
+  (``federated``, as the teacher was pretrained) the teacher uses its own aggregated head, and the
+  student's head is federated (``kmeans.codebook`` of the distillation's config) as in pretraining.
 - ``hidden`` (DistilHuBERT, Chang et al. 2022): one linear head per chosen teacher layer on the
   student's last layer, ``L1 + cos_weight * (-log sigmoid(cos))`` per layer, summed over layers. The
   heads mean the same thing on every client, so they are federated with the encoder. (The cosine
@@ -127,7 +129,8 @@ class DistillationModel(nn.Module):
 
     @staticmethod
     def is_local(name: str) -> bool:
-        """The student's prediction head is tied to the client's k-means ids: it stays on the client."""
+        """The student's prediction head, tied to the client's k-means ids: it stays on the client unless
+        one codebook is shared (DistillationTask.is_local, task.head_is_federated)."""
         return name.startswith(tuple(STUDENT + p for p in HEAD_PARAM_PREFIXES))
 
     def heads_state(self) -> dict[str, torch.Tensor]:

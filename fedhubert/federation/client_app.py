@@ -1,12 +1,15 @@
 """The ClientApp: local training and validation on one client's partition, for every federated task.
 
-A client receives the global weights, puts its own local weights on top (its prediction head: its
-k-means ids mean something on this client alone), trains with the task's loss, keeps the new local
-weights, and sends back the shared ones only. The message's config names the task (tasks.py).
+A client receives the global weights, puts its own local weights on top (with kmeans.codebook=local
+its prediction head: its k-means ids mean something on this client alone), trains with the task's
+loss, keeps the new local weights, and sends back the shared ones only. With kmeans.codebook=federated
+nothing is local (the head travels too: task.head_is_federated), so no head is kept or written. The
+message's config names the task (tasks.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -67,12 +70,15 @@ def _prepare(msg: Message, context: Context, head_up_to_offset: int):
     torch.set_num_threads(max(1, int(cfg.federation.client_num_cpus)))
 
     model = task.client_model(cfg, context.node_config)
-    load_encoder(model, decode_arrays(msg.content["arrays"]), task.is_local)
-    heads = HeadStore(task.client_dir(cfg, partition_id, context.node_config), context,
-                      cfg.federation.keep_last_checkpoints, task.head_prefix)
-    head = heads.latest(up_to=server_round + head_up_to_offset)
-    if head is not None:
-        model.load_state_dict(head, strict=False)
+    is_local = functools.partial(task.is_local, cfg)
+    load_encoder(model, decode_arrays(msg.content["arrays"]), is_local)
+    heads = None  # nothing of this client's own to keep (a federated head): no head files
+    if task.has_local(cfg, model):
+        heads = HeadStore(task.client_dir(cfg, partition_id, context.node_config), context,
+                          cfg.federation.keep_last_checkpoints, task.head_prefix)
+        head = heads.latest(up_to=server_round + head_up_to_offset)
+        if head is not None:
+            model.load_state_dict(head, strict=False)
     data_dir = client_data_dir(cfg, partition_id, context.node_config)
     return task, cfg, partition_id, server_round, model, heads, data_dir
 
@@ -107,9 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     batch_size = _batch_size(cfg, model, device, context, data_dir, loss_fn)
     loader = make_loader(data_dir, "train", cfg, batch_size=batch_size, seed=seed, train=True)
     metrics = train_local(model, loader, cfg, device, seed=seed, loss_fn=loss_fn)
-    shared, local = split_state(model, task.is_local)
-    heads.save(rnd, local, keep_round=int(msg.content["config"].get(BEST_ROUND_KEY, -1)),
-               targets_sha1=targets_fingerprint(data_dir))
+    shared, local = split_state(model, functools.partial(task.is_local, cfg))
+    if heads is not None:
+        heads.save(rnd, local, keep_round=int(msg.content["config"].get(BEST_ROUND_KEY, -1)),
+                   targets_sha1=targets_fingerprint(data_dir))
     content = RecordDict({"arrays": encode_arrays(shared, cfg.federation.wire_dtype),
                           "metrics": _metrics(metrics, pid)})
     return Message(content=content, reply_to=msg)

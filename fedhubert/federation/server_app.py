@@ -7,6 +7,7 @@ r + 1, stop cleanly when too few clients succeed, and checkpoint after every rou
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -54,10 +55,15 @@ class ServerCheckpoints:
         return path
 
 
-def shared_record(model: torch.nn.Module, task: FederatedTask) -> ArrayRecord:
+def shared_record(model: torch.nn.Module, task: FederatedTask, cfg: Config) -> ArrayRecord:
     """The global model's shared weights as float32 arrays: what FedAdam optimizes."""
-    shared, _ = split_state(model, task.is_local)
+    shared, _ = split_state(model, functools.partial(task.is_local, cfg))
     return ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in shared.items()})
+
+
+def _labels(extras: dict[str, Any]) -> str:
+    sha1 = extras.get("codebook_sha1")
+    return f"kmeans.codebook=federated, codebook.npy SHA-1 {sha1[:12]}" if sha1 else "kmeans.codebook=local"
 
 
 def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: RoundReport | None,
@@ -83,6 +89,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default."""
     task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
+    labels = task.check_label_space(cfg)  # e.g. codebook_sha1: every checkpoint of the run records it
     ckpts = ServerCheckpoints(cfg, task)
     model = task.initial_model(cfg)
     strategy = make_strategy(cfg)
@@ -94,6 +101,10 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
             raise FederationError(f"--resume: no round_<r>.pt in {ckpts.dir}")
         last_round, path = ckpts.rounds()[-1]
         saved_model, extras = task.load(path, cfg)
+        if extras.get("codebook_sha1") != labels.get("codebook_sha1"):
+            raise FederationError(f"--resume: {path} was trained on other labels ({_labels(extras)}) than the "
+                                  f"config's ({_labels(labels)}): a head of one label space cannot go on in another; "
+                                  "start a new run (another federation.checkpoint_dir)")
         model.load_state_dict(saved_model.state_dict())
         strategy.load_state_dict(extras["strategy_state"])
         metrics = RunMetrics(metrics.out_dir, extras["metrics_history"], curves=task.curves)
@@ -104,7 +115,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     def round_config():  # the whole config, the task, and the best round so far (clients keep its head)
         return config_record(cfg, **{TASK_KEY: task.name, BEST_ROUND_KEY: best_round})
 
-    arrays = shared_record(model, task)
+    arrays = shared_record(model, task, cfg)
     if not metrics.history:  # round 0: the initial model on every client's validation split, the baseline
         random.seed(cfg.seed)
         replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, round_config(), grid),
@@ -112,7 +123,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         val = strategy.aggregate_evaluate(0, replies)
         metrics.add(_round_record(0, None, val, None, strategy.evaluate_report, 0.0, cfg.federation.wire_dtype))
         ckpts.save_round(0, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
-                         best_val_loss=best_val, best_round=best_round)
+                         best_val_loss=best_val, best_round=best_round, **labels)
 
     for rnd in range(start, task.num_rounds(cfg) + 1):
         t0 = time.perf_counter()
@@ -129,7 +140,8 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
                 f"({'; '.join(f'{w}: {r}' for w, r in report.failed) or 'no replies'}); "
                 f"stopping. Last good checkpoint: {last}")
         arrays = new_arrays
-        load_encoder(model, {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, task.is_local)
+        load_encoder(model, {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()},
+                     functools.partial(task.is_local, cfg))
 
         replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
@@ -145,9 +157,9 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         if improved:
             best_val, best_round = val_loss, rnd
         ckpts.save_round(rnd, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
-                         best_val_loss=best_val, best_round=best_round)
+                         best_val_loss=best_val, best_round=best_round, **labels)
         if improved:
-            task.save(ckpts.best, model, cfg, round=rnd, val_loss=val_loss)
+            task.save(ckpts.best, model, cfg, round=rnd, val_loss=val_loss, **labels)
             log.info("round %d: new best model (val loss %.4f) -> %s", rnd, val_loss, ckpts.best)
         if collapsed:
             log.warning("round %d: the global encoder looks collapsed: %s; it cannot become the best model%s", rnd,

@@ -2,9 +2,13 @@
 stages plugged into it. A task says what the model is, which weights stay on the client, the local
 loss, where its files go and how its checkpoints are written; everything else is shared.
 
-- ``pretraining``: HuBERT masked prediction; the encoder travels, each client's prediction head stays.
+- ``pretraining``: HuBERT masked prediction; the encoder travels, and the prediction head too with
+  ``kmeans.codebook: federated`` (one codebook: the ids mean the same on every client); with ``local``
+  each client's head stays on it (task.head_is_federated decides, for client and server alike).
 - ``distillation``: a student HuBERT learns from the frozen federated teacher; the student encoder and
-  the hidden-prediction heads travel, the student's prediction head stays.
+  the hidden-prediction heads travel, the student's prediction head as the pretraining head does. The
+  logits loss uses the teacher's own (global) head when the teacher's codebook was federated, else
+  each client's head from pretraining.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init
                                target_layers)
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.federation.metrics import CURVES, HEALTH_CURVES
-from fedhubert.federation.task import (build_model, client_checkpoint_dir, head_files, is_head_param,
-                                       targets_fingerprint)
+from fedhubert.federation.task import (build_model, client_checkpoint_dir, file_sha1, head_files, head_is_federated,
+                                       is_head_param, targets_fingerprint)
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 from fedhubert.train import LossFn, pretraining_loss
 
@@ -44,11 +48,25 @@ class FederatedTask:
     def num_rounds(self, cfg: Config) -> int:
         return cfg.federation.num_rounds
 
-    def is_local(self, name: str) -> bool:
-        return is_head_param(name)
+    def is_local(self, cfg: Config, name: str) -> bool:
+        """Whether weight ``name`` stays on its client (never sent, never aggregated) in a run of ``cfg``."""
+        return is_head_param(name) and not head_is_federated(cfg)
+
+    def has_local(self, cfg: Config, model: torch.nn.Module) -> bool:
+        """Whether a client keeps weights of its own (its head files) in a run of ``cfg``."""
+        return any(self.is_local(cfg, name) for name in model.state_dict())
 
     def preflight(self, cfg: Config) -> None:
-        """Checks what can be checked before anything is written (the simulation calls it)."""
+        """Checks what can be checked before anything is written (the simulation calls it, with the
+        client folders at hand)."""
+        self.check_label_space(cfg)
+
+    def check_label_space(self, cfg: Config) -> dict[str, Any]:
+        """Before the server writes anything (simulation and deployment): a federated head needs the
+        shared codebook its labels came from (targets.check_codebook); a local head on shared labels is
+        allowed (logged). Returns what the run's checkpoints record about their labels: with a
+        federated head, ``codebook_sha1`` (resume and distillation check it)."""
+        return shared_labels(cfg, cfg.model.vocab_size)
 
     def initial_model(self, cfg: Config) -> torch.nn.Module:
         """The server's round-0 global model."""
@@ -74,6 +92,20 @@ class FederatedTask:
 
     def export(self, model: torch.nn.Module, cfg: Config, folder: Path) -> None:
         export_huggingface(model, cfg, folder)
+
+
+def shared_labels(cfg: Config, vocab_size: int) -> dict[str, Any]:
+    """{"codebook_sha1": ...} of ``<partitions_dir>/codebook.npy`` when ``cfg``'s head is federated (after
+    targets.check_codebook: one-line DataError when it is missing or does not fit ``vocab_size``), else {}."""
+    from fedhubert.targets import CODEBOOK_FILE, check_codebook  # torchaudio, scikit-learn: only where checked
+
+    codebook = Path(cfg.data.partitions_dir) / CODEBOOK_FILE
+    if head_is_federated(cfg):
+        return {"codebook_sha1": file_sha1(check_codebook(cfg, vocab_size))}
+    if codebook.is_file():
+        log.warning("%s exists: the clients' labels share one codebook, but kmeans.codebook is local, so each "
+                    "prediction head stays on its client (kmeans.codebook=federated would federate it)", codebook)
+    return {}
 
 
 # --- distillation ------------------------------------------------------------------------------------
@@ -131,10 +163,16 @@ def saved_head(folder: Path, prefix: str, up_to_round: int) -> tuple[Path, dict[
     return saved[-1][1], torch.load(saved[-1][1], map_location="cpu", weights_only=True)
 
 
+def teacher_head_is_global(teacher_cfg: Config) -> bool:
+    """A teacher pretrained with ``kmeans.codebook: federated`` carries its trained, aggregated head: the
+    logits loss uses it on every client. Otherwise each client uses its own head (:func:`teacher_head`)."""
+    return head_is_federated(teacher_cfg)
+
+
 def teacher_head(cfg: Config, teacher: HubertBase, teacher_extras: dict, partition_id: int, node_config: dict,
                  data_dir: Path) -> dict[str, torch.Tensor]:
-    """Client k's own prediction head from pretraining, of the teacher's round or the newest before it,
-    checked against the teacher's shapes and the client's current labels."""
+    """Client k's own prediction head from pretraining (kmeans.codebook=local teachers), of the teacher's
+    round or the newest before it, checked against the teacher's shapes and the client's current labels."""
     source = cfg.distillation.teacher_model_path
     if "round" not in teacher_extras:
         raise DataError(f"{source} records no pretraining round, so no client head belongs to it: the logits "
@@ -171,8 +209,8 @@ class DistillationTask(FederatedTask):
     def num_rounds(self, cfg: Config) -> int:
         return cfg.distillation.num_rounds
 
-    def is_local(self, name: str) -> bool:
-        return DistillationModel.is_local(name)
+    def is_local(self, cfg: Config, name: str) -> bool:
+        return DistillationModel.is_local(name) and not head_is_federated(cfg)
 
     def _build(self, cfg: Config, teacher_cfg: Config) -> DistillationModel:
         self._check_vocabulary(cfg, teacher_cfg)
@@ -190,9 +228,28 @@ class DistillationTask(FederatedTask):
     def preflight(self, cfg: Config) -> None:
         teacher, teacher_cfg, extras = load_teacher(cfg, {})
         init_from_teacher(self._build(cfg, teacher_cfg), teacher, cfg.distillation.init_from_teacher)
-        if "logits" in cfg.distillation.losses:
+        self.check_label_space(cfg)
+        if "logits" in cfg.distillation.losses and not teacher_head_is_global(teacher_cfg):
             for k in range(cfg.partition.num_clients):
                 teacher_head(cfg, teacher, extras, k, {}, Path(cfg.data.partitions_dir) / f"client_{k}")
+
+    def check_label_space(self, cfg: Config) -> dict[str, Any]:
+        """The student's head as the pretraining's (kmeans.codebook of this config); and a teacher whose
+        head is global predicts the ids of the codebook it was trained on: that codebook must still be
+        the one in data.partitions_dir (its SHA-1, recorded in the teacher's checkpoint)."""
+        _, teacher_cfg, extras = _teacher(cfg, {})
+        labels = shared_labels(cfg, teacher_cfg.model.vocab_size)
+        if "logits" in cfg.distillation.losses and teacher_head_is_global(teacher_cfg):
+            from fedhubert.targets import check_codebook
+
+            source = cfg.distillation.teacher_model_path
+            path = check_codebook(cfg, teacher_cfg.model.vocab_size,
+                                  why=f"the teacher {source} was pretrained with kmeans.codebook=federated")
+            recorded = extras.get("codebook_sha1")
+            if recorded is not None and recorded != file_sha1(path):
+                raise DataError(f"{path} is not the codebook the teacher {source} was pretrained on, so its head's ids "
+                                "mean other sounds: re-run ./run_pretraining.sh on the current targets")
+        return labels
 
     def initial_model(self, cfg: Config) -> DistillationModel:
         teacher, teacher_cfg, _ = load_teacher(cfg, {})
@@ -209,7 +266,7 @@ class DistillationTask(FederatedTask):
     def client_loss(self, cfg: Config, partition_id: int, node_config: dict, data_dir: Path,
                     device: torch.device) -> LossFn:
         teacher, teacher_cfg, extras = load_teacher(cfg, node_config)
-        if "logits" in cfg.distillation.losses:
+        if "logits" in cfg.distillation.losses and not teacher_head_is_global(teacher_cfg):
             teacher.load_state_dict(teacher_head(cfg, teacher, extras, partition_id, node_config, data_dir),
                                     strict=False)
         return DistillationLoss(teacher.to(device), student_config(cfg, teacher_cfg.model))
