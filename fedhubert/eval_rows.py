@@ -29,7 +29,7 @@ from fedhubert.data import majority_share, make_loader, read_labels, read_manife
 from fedhubert.distill import STUDENT
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
 from fedhubert.evaluate import best_checkpoint, probe_row, row_features
-from fedhubert.federation.task import build_model, is_head_param
+from fedhubert.federation.task import build_model, head_is_federated, is_head_param
 from fedhubert.federation.tasks import DistillationTask, FederatedTask, saved_head
 from fedhubert.model import HubertBase
 from fedhubert.probes import label_perplexity, read_alignments, unit_quality
@@ -88,8 +88,14 @@ def _client_heads(cfg: Config, folder_of: Callable[[int], Path], prefix: str, be
 
 
 def _masked_with_heads(checkpoint: Path, cfg: Config, task: FederatedTask) -> Callable[[], dict[str, Any]]:
+    """Masked prediction of a federated checkpoint: with its own (aggregated) head when it was trained
+    with kmeans.codebook=federated, else with each client's head of its round (or the newest before)."""
     def run() -> dict[str, Any]:
         model, model_cfg, extras = load_checkpoint(checkpoint)
+        if head_is_federated(model_cfg):
+            parts = Path(cfg.data.partitions_dir)
+            return masked_prediction(model, model_cfg, [(parts / f"client_{k}", None)
+                                                        for k in range(cfg.partition.num_clients)])
         folder = lambda k: task.client_dir(cfg, k, {})  # noqa: E731
         return masked_prediction(model, model_cfg, _client_heads(cfg, folder, task.head_prefix, int(extras["round"])))
     return run
