@@ -73,7 +73,9 @@ class KMeansConfig:
     use_deltas: bool = knob(True, "append delta and delta-delta MFCC (39 dims, as HuBERT's first iteration)")
     batch_size: int = knob(10000, "frames per MiniBatchKMeans partial_fit step", low=1)
     fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
-    codebook: str = knob("local", "local: a k-means per client (ids mean something on that client only); federated: one codebook for all clients, fitted by federated k-means", choices=("local", "federated"))
+    codebook: str = knob("local", "local: a k-means per client (ids mean something on that client only, heads stay local); "
+                         "federated: one codebook for all clients, fitted by federated k-means, and a federated head",
+                         choices=("local", "federated"))
     max_rounds: int = knob(20, "codebook=federated: most federated k-means rounds after the k-FED initialisation", low=1)
     tol: float = knob(1e-4, "codebook=federated: stop once the relative change of the inertia per frame between rounds is below this", low=0.0)
     k_local: int = knob(0, "codebook=federated: centres of each client's local k-means for the k-FED initialisation (0 = n_clusters)", low=0)
@@ -148,7 +150,8 @@ class FederationConfig:
 @dataclass
 class DistillationConfig:
     teacher_model_path: str = knob("checkpoints/pretraining/server/best_global_model.pt", "the teacher: a checkpoint written by run_pretraining.sh (or any s3prl HuBERT checkpoint for losses [hidden])")
-    teacher_heads_dir: str = knob("", "folder of the clients' pretraining heads (client_<k>/head_round_<r>.pt); empty = clients/ beside the teacher's server/ folder")
+    teacher_heads_dir: str = knob("", "folder of the clients' pretraining heads (client_<k>/head_round_<r>.pt; a "
+                                  "kmeans.codebook=local teacher only); empty = clients/ beside the teacher's server/ folder")
     teacher_frozen: bool = knob(True, "the teacher is never updated (false is rejected: a trained teacher would need a federation of its own)")
     losses: list[str] = knob(["logits", "hidden"], "losses to combine: logits (KD on masked frames + CE on the labels), hidden (DistilHuBERT layer prediction)", choices=("logits", "hidden"))
     alpha: float = knob(0.5, "logits loss: alpha * T^2 * KL(softmax(teacher/T), softmax(student/T)) + (1 - alpha) * CE(student, labels)", low=0.0, high=1.0)
