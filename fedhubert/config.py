@@ -80,6 +80,10 @@ class KMeansConfig:
     tol: float = knob(1e-4, "codebook=federated: stop once the relative change of the inertia per frame between rounds is below this", low=0.0)
     k_local: int = knob(0, "codebook=federated: centres of each client's local k-means for the k-FED initialisation (0 = n_clusters)", low=0)
     update: str = knob("lloyd", "codebook=federated: lloyd (exact Lloyd step on the sampled clients' pooled statistics) or minibatch (running-mean step)", choices=("lloyd", "minibatch"))
+    features: str = knob("mfcc", "what is clustered: mfcc (HuBERT's first iteration) or hubert (the layer-kmeans.layer output of the model in kmeans.checkpoint: the next iteration)", choices=("mfcc", "hubert"))
+    checkpoint: str = knob("", "features=hubert: the checkpoint whose features are clustered, e.g. the last iteration's best_global_model.pt (ignored with mfcc)")
+    layer: int = knob(0, "features=hubert: 1-based transformer layer whose output is clustered; 0 = ceil(num_hidden_layers / 2), layer 6 of a 12-layer Base as in the paper", low=0)
+    percent: float = knob(1.0, "share of each client's training frames that fits k-means: whole utterances, drawn uniformly (seeded) until they hold this share (fairseq: 0.1); every frame is still labelled", low=0.0, high=1.0)
 
 
 @dataclass
@@ -145,6 +149,7 @@ class FederationConfig:
     collapse_rank_ratio: float = knob(0.1, "a round whose effective rank (first, middle or last layer) falls below this share of round 0's is collapsed (0 = off)", low=0.0, high=1.0)
     collapse_max_cosine: float = knob(0.9999, "a round whose mean cosine of 0.5 s embeddings exceeds this is collapsed (1 = off)", low=0.0, high=1.0)
     stop_on_collapse: bool = knob(False, "stop the run at a collapsed round instead of going on (the best model is never a collapsed one)")
+    init_checkpoint: str = knob("", "pretraining: round 0 starts from this checkpoint's encoder (e.g. the last iteration's best_global_model.pt) with a fresh seeded head, unless both heads are federated on the same codebook.npy; empty = the seeded random init")
 
 
 @dataclass
@@ -212,6 +217,11 @@ class Config:
             raise ConfigError(f"kmeans.k_local ({k.k_local}) x partition.num_clients ({self.partition.num_clients}) "
                               f"pools fewer local centres than kmeans.n_clusters ({k.n_clusters}) for the k-FED "
                               f"initialisation: raise kmeans.k_local (0 = n_clusters)")
+        if k.percent <= 0.0:
+            raise ConfigError(f"config key 'kmeans.percent' must be in (0, 1], got {k.percent!r}")
+        if k.features == "hubert" and not k.checkpoint:
+            raise ConfigError("kmeans.features is hubert but kmeans.checkpoint is empty: set it to the checkpoint whose "
+                              "features are clustered, e.g. --set kmeans.checkpoint=<checkpoint_dir>/server/best_global_model.pt")
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
         self._validate_distillation()
