@@ -4,6 +4,7 @@ crash or an error never leaves a half-written file under the final name."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,12 @@ def atomic_open(target: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_open(target) as handle:
         handle.write(text)
+
+
+def file_sha1(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

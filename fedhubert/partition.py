@@ -224,6 +224,8 @@ def _clear_stale(out: Path, num_clients: int, new_tsvs: dict[Path, str]) -> None
                         ", ".join(p.name for p in stale))
             for p in stale:
                 p.unlink()
+            if (out / "targets.json").exists():  # it describes targets that are gone now
+                (out / "targets.json").unlink()
 
 
 def partition_corpus(cfg: Config) -> dict:

@@ -1,4 +1,7 @@
-"""First-iteration HuBERT targets: MFCC (+ deltas) frames clustered by k-means.
+"""HuBERT targets: frame features clustered by k-means. The first iteration clusters MFCC (+ deltas)
+frames (``kmeans.features: mfcc``); the next ones cluster a transformer layer's output of the
+previous iteration's model (``hubert``, :class:`HubertFeatures`). :func:`make_features` is the one
+place that picks the features, for the local and the federated k-means alike.
 
 With ``kmeans.codebook: local`` each client fits its own MiniBatchKMeans on its own training split
 only (client-specific ids, never comparable across clients); with ``federated`` all clients fit one
@@ -8,15 +11,23 @@ every utterance of its train and valid splits, one ``.km`` line per ``.tsv`` lin
 
 Memory stays flat however large the corpus: utterances are decoded one at a time and their frames
 go through a single preallocated chunk of ``kmeans.batch_size`` rows fed to ``partial_fit``.
+``kmeans.percent`` < 1 fits on a seeded uniform sample of whole utterances holding that share of a
+client's training frames (:func:`fitting_utterances`); labelling always covers every frame.
+
+``<data.partitions_dir>/targets.json`` records what made the labels (:func:`targets_record`): the
+features (with hubert: the checkpoint, its SHA-1 and the layer), the iteration, the codebook mode,
+K per client; the pretraining copies it into its checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import joblib
 import numpy as np
@@ -29,15 +40,21 @@ from fedhubert.audio import load_audio
 from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, num_frames
 from fedhubert.data import derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.fileio import atomic_path
+from fedhubert.fileio import atomic_open, atomic_path, file_sha1
 from fedhubert.partition import SPLITS, client_dir
 
 log = logging.getLogger(__name__)
 CODEBOOK_FILE = "codebook.npy"  # kmeans.codebook=federated: the clients' shared codebook, under data.partitions_dir
+TARGETS_FILE = "targets.json"   # what made the clients' labels (features, iteration, K), under data.partitions_dir
+# Utterances longer than this go through the model in pieces (fairseq's dump_hubert_feature.py: 1,600,000
+# samples = 100 s); LibriSpeech's longest is ~35 s, so in practice every utterance is one forward pass.
+MAX_CHUNK_FRAMES = 5000
 
 
 class MfccFeatures:
     """Waveform ``[L]`` -> float32 features ``[num_frames(L), n_mfcc * (3 if deltas else 1)]``."""
+
+    iteration = 1  # MFCC targets are HuBERT's first iteration
 
     def __init__(self, cfg: Config):
         k = cfg.kmeans
@@ -60,21 +77,145 @@ class MfccFeatures:
             feats = torch.cat([feats, delta, torchaudio.functional.compute_deltas(delta)])
         return feats.T.contiguous().numpy()
 
+    def record(self) -> dict[str, Any]:
+        """This front end's part of targets.json."""
+        return {"iteration": self.iteration, "features": "mfcc", "feature_dim": self.dim}
+
+
+def default_layer(num_layers: int) -> int:
+    """kmeans.layer 0: the middle transformer layer, ceil(L / 2) (layer 6 of HuBERT Base's 12, the
+    paper's choice for the second iteration)."""
+    return math.ceil(num_layers / 2)
+
+
+@functools.lru_cache(maxsize=2)
+def _feature_model(path: str, stamp: tuple[int, int], layer: int, device: str) -> tuple[torch.nn.Module, Config, int, str]:
+    """(the model cut after transformer layer ``layer``, in eval mode on ``device``; its config; the
+    iteration of the targets it was trained on; the file's SHA-1), read once per process while the
+    file's (mtime, size) stamp is unchanged (the federated k-means builds features for every message)."""
+    from fedhubert.checkpoint import load_checkpoint
+
+    try:
+        model, model_cfg, extras = load_checkpoint(path)
+    except DataError as exc:
+        raise DataError(f"kmeans.checkpoint: {exc}") from None
+    depth = model_cfg.model.num_hidden_layers
+    if not 1 <= (layer or default_layer(depth)) <= depth:
+        raise ConfigError(f"kmeans.layer is {layer} but {path} has {depth} transformer layers: use 1..{depth} "
+                          f"(0 = ceil({depth} / 2) = {default_layer(depth)})")
+    layer = layer or default_layer(depth)
+    if layer < depth:  # the layers above are never needed: drop them (hidden[layer] is unchanged)
+        model.encoder.layers = model.encoder.layers[:layer]
+        if model.encoder.layer_norm_first:  # pre-norm: the final LayerNorm follows the last layer only
+            model.encoder.layer_norm = torch.nn.Identity()
+    targets = extras.get("targets")
+    trained_on = targets.get("iteration") if isinstance(targets, dict) else None
+    # a checkpoint that records no targets (older runs, released models) was trained on MFCC targets
+    iteration = trained_on if isinstance(trained_on, int) and trained_on >= 1 else 1
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval().to(device), model_cfg, iteration, file_sha1(path)
+
+
+class HubertFeatures:
+    """Waveform ``[L]`` -> float32 ``[num_frames(L), hidden_size]``: the output of transformer layer
+    ``kmeans.layer`` (1-based; 0 = :func:`default_layer`) of the model in ``kmeans.checkpoint``, in eval
+    mode and without masking, i.e. ``model.extract_hidden_states(wav)[layer]``. The model's frames are
+    exactly ``num_frames(L)`` (its CNN: receptive field 400, stride 320, no padding); an utterance of
+    more than :data:`MAX_CHUNK_FRAMES` frames goes through in pieces cut at frame boundaries."""
+
+    def __init__(self, cfg: Config, chunk_frames: int = MAX_CHUNK_FRAMES):
+        from fedhubert.train import resolve_device
+
+        path = Path(cfg.kmeans.checkpoint)
+        if not path.is_file():
+            raise DataError(f"kmeans.checkpoint not found: {path} (the model whose features are clustered: "
+                            "run ./run_pretraining.sh first, or fix the path)")
+        self.device = resolve_device(cfg.training.device)
+        stat = path.stat()
+        self.model, model_cfg, trained_on, self.sha1 = _feature_model(
+            str(path.resolve()), (stat.st_mtime_ns, stat.st_size), cfg.kmeans.layer, str(self.device))
+        if model_cfg.data.sample_rate != cfg.data.sample_rate:
+            raise ConfigError(f"data.sample_rate is {cfg.data.sample_rate} but the model in {path} (kmeans.checkpoint) "
+                              f"was trained at {model_cfg.data.sample_rate} Hz")
+        self.path, self.num_layers = path.resolve(), model_cfg.model.num_hidden_layers
+        self.layer = cfg.kmeans.layer or default_layer(self.num_layers)
+        self.dim, self.iteration, self.chunk_frames = model_cfg.model.hidden_size, trained_on + 1, chunk_frames
+
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor) -> np.ndarray:
+        total = num_frames(wav.shape[0])
+        if total == 0:
+            return np.zeros((0, self.dim), np.float32)
+        pieces = []  # piece p: frames [f0, f1) = samples [320 f0, 320 (f1 - 1) + 400), the last one to the end
+        for f0 in range(0, total, self.chunk_frames):
+            f1 = min(f0 + self.chunk_frames, total)
+            end = wav.shape[0] if f1 == total else (f1 - 1) * FRAME_STRIDE + FRAME_LENGTH
+            pieces.append((f0, f1, wav[f0 * FRAME_STRIDE:end]))  # one piece: the whole utterance, as in training
+        out = []
+        for f0, f1, piece in pieces:
+            hidden, _ = self.model.extract_hidden_states(piece[None].to(self.device, torch.float32))
+            feats = hidden[self.layer][0]
+            if feats.shape[0] != f1 - f0:  # cannot happen with the CNN's arithmetic; never pad or trim silently
+                raise DataError(f"{self.path}: {feats.shape[0]} frames for {piece.shape[0]} samples, expected "
+                                f"num_frames = {f1 - f0}")
+            out.append(feats.float().cpu())
+        return torch.cat(out).numpy()
+
+    def record(self) -> dict[str, Any]:
+        """This front end's part of targets.json."""
+        return {"iteration": self.iteration, "features": "hubert", "checkpoint": str(self.path),
+                "checkpoint_sha1": self.sha1, "layer": self.layer, "num_layers": self.num_layers,
+                "feature_dim": self.dim}
+
+
+def make_features(cfg: Config) -> MfccFeatures | HubertFeatures:
+    """The feature front end ``kmeans.features`` selects: the one factory of the local and the federated
+    k-means. With hubert, a missing checkpoint or a layer beyond its depth is a one-line error here,
+    before anything is fitted or written."""
+    return HubertFeatures(cfg) if cfg.kmeans.features == "hubert" else MfccFeatures(cfg)
+
+
+@contextlib.contextmanager
+def feature_threads(features: MfccFeatures | HubertFeatures) -> Iterator[None]:
+    """MFCC on one torch thread (see :func:`single_torch_thread`); a model's forward keeps torch's
+    threads (its matrix products are large enough to gain from them)."""
+    with single_torch_thread() if isinstance(features, MfccFeatures) else contextlib.nullcontext():
+        yield
+
 
 def cluster_count(train_frames: int, cfg: Config, client: str) -> int:
-    """min(kmeans.n_clusters, train_frames // kmeans.min_frames_per_cluster); at least 2."""
+    """min(kmeans.n_clusters, frames // kmeans.min_frames_per_cluster); at least 2. ``train_frames``
+    are the frames k-means is fitted on (all training frames, or kmeans.percent of them)."""
     k = min(cfg.kmeans.n_clusters, train_frames // cfg.kmeans.min_frames_per_cluster)
     if k < 2:
-        raise DataError(f"{client}: {train_frames} training frames are too few for 2 clusters at "
+        share = f" (kmeans.percent {cfg.kmeans.percent} of the training frames)" if cfg.kmeans.percent < 1 else ""
+        raise DataError(f"{client}: {train_frames} training frames{share} are too few for 2 clusters at "
                         f"kmeans.min_frames_per_cluster {cfg.kmeans.min_frames_per_cluster}; give the client "
-                        f"more audio (fewer partition.num_clients) or lower min_frames_per_cluster")
+                        f"more audio (fewer partition.num_clients){', raise kmeans.percent' if share else ''} "
+                        f"or lower min_frames_per_cluster")
     return k
 
 
-class SplitFrames:
-    """The MFCC frames of one client split, one utterance at a time, with length checks."""
+def fitting_utterances(cfg: Config, sizes: Sequence[int], client: int | str) -> np.ndarray:
+    """Indices (sorted) of the training utterances k-means is fitted on: all of them, or with
+    kmeans.percent < 1 a uniform random set of whole utterances (seeded by ``seed`` and the client)
+    drawn until they hold at least ceil(percent x the split's frames), as fairseq's learn_kmeans.py
+    samples utterances. Whole utterances keep the features' cost to the same share."""
+    n = len(sizes)
+    if cfg.kmeans.percent >= 1.0 or n == 0:
+        return np.arange(n)
+    frames = np.array([num_frames(int(s)) for s in sizes], dtype=np.int64)
+    order = np.random.default_rng(derive_seed(cfg.seed, "kmeans-percent", client)).permutation(n)
+    need = math.ceil(cfg.kmeans.percent * int(frames.sum()))
+    count = min(n, int(np.searchsorted(np.cumsum(frames[order]), need)) + 1)
+    return np.sort(order[:count])
 
-    def __init__(self, tsv: Path, features: MfccFeatures, sample_rate: int):
+
+class SplitFrames:
+    """The feature frames of one client split, one utterance at a time, with length checks."""
+
+    def __init__(self, tsv: Path, features: MfccFeatures | HubertFeatures, sample_rate: int):
         self.tsv, self.features, self.sample_rate = tsv, features, sample_rate
         self.root, self.paths, self.sizes = read_manifest(tsv)
 
@@ -84,6 +225,10 @@ class SplitFrames:
     @property
     def num_frames(self) -> int:
         return sum(num_frames(n) for n in self.sizes)
+
+    def frames_of(self, indices: Iterable[int]) -> int:
+        """Frames of the utterances ``indices``."""
+        return sum(num_frames(self.sizes[int(i)]) for i in indices)
 
     def utterance(self, i: int) -> np.ndarray:
         """Features of utterance ``i``; its length must match what the manifest promises."""
@@ -98,7 +243,7 @@ class SplitFrames:
                             f"lists {self.sizes[i]}; the file changed since partition_data.py ran: rerun it")
         feats = self.features(wav)
         if feats.shape[0] != num_frames(self.sizes[i]):
-            raise DataError(f"{path}: {feats.shape[0]} MFCC frames but num_frames({self.sizes[i]}) = "
+            raise DataError(f"{path}: {feats.shape[0]} feature frames but num_frames({self.sizes[i]}) = "
                             f"{num_frames(self.sizes[i])} (listed in {self.tsv})")
         return feats
 
@@ -156,31 +301,38 @@ def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Pat
         yield stack
 
 
-def client_targets(cfg: Config, k: int, features: MfccFeatures) -> dict:
-    """Fits client ``k``'s k-means on its train split; writes train.km, valid.km, kmeans.joblib.
+def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures) -> dict:
+    """Fits client ``k``'s k-means on its train split (kmeans.percent of it); writes train.km,
+    valid.km, kmeans.joblib.
 
     The three files appear together or not at all (renamed only after all are complete)."""
     d = client_dir(cfg.data.partitions_dir, k)
     splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate) for s in SPLITS}
-    train_frames = splits["train"].num_frames
-    n_clusters = cluster_count(train_frames, cfg, d.name)
+    train = splits["train"]
+    train_frames, fit = train.num_frames, fitting_utterances(cfg, train.sizes, k)
+    fit_frames = train.frames_of(fit)
+    n_clusters = cluster_count(fit_frames, cfg, d.name)
     if n_clusters < cfg.kmeans.n_clusters:
-        log.info("%s: %d clusters (%d training frames // kmeans.min_frames_per_cluster %d)", d.name,
-                 n_clusters, train_frames, cfg.kmeans.min_frames_per_cluster)
+        log.info("%s: %d clusters (%d frames to fit // kmeans.min_frames_per_cluster %d)", d.name,
+                 n_clusters, fit_frames, cfg.kmeans.min_frames_per_cluster)
+    if len(fit) < len(train):
+        log.info("%s: fitting on %d of %d training utterances (%d of %d frames, kmeans.percent %g)", d.name,
+                 len(fit), len(train), fit_frames, train_frames, cfg.kmeans.percent)
     chunk = max(cfg.kmeans.batch_size, n_clusters)  # k-means++ needs n_clusters frames in the first chunk
-    seed, train, passes = derive_seed(cfg.seed, "kmeans", k), splits["train"], cfg.kmeans.fit_passes
+    seed, passes = derive_seed(cfg.seed, "kmeans", k), cfg.kmeans.fit_passes
 
     def shuffled_pass(p: int) -> Iterator[np.ndarray]:
         # One utterance's frames are strongly correlated: a fresh random utterance order each pass
         # keeps consecutive chunks closer to the random mini-batches k-means expects.
-        order = np.random.default_rng(derive_seed(seed, p)).permutation(len(train))
+        order = fit[np.random.default_rng(derive_seed(seed, p)).permutation(len(fit))]
         return (feats for _, feats in train.stream(order, f"{d.name} fit {p + 1}/{passes}"))
 
     km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
     with label_files(km, splits, d) as stack:
         joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
-    info = {"client": k, "n_clusters": n_clusters, "train_frames": train_frames,
-            "train_utterances": len(splits["train"]), "valid_utterances": len(splits["valid"])}
+    info = {"client": k, "n_clusters": n_clusters, "train_frames": train_frames, "fit_frames": fit_frames,
+            "train_utterances": len(splits["train"]), "fit_utterances": len(fit),
+            "valid_utterances": len(splits["valid"])}
     log.info("%s: wrote train.km, valid.km, kmeans.joblib (%d clusters)", d.name, n_clusters)
     return info
 
@@ -213,6 +365,53 @@ def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmean
             raise DataError(f"{stale}: client {k}'s labels come from its own k-means, not from {path}: rerun "
                             "generate_kmeans_targets.py with kmeans.codebook=federated")
     return path
+
+
+def targets_record(cfg: Config, features: MfccFeatures | HubertFeatures) -> dict[str, Any]:
+    """What makes the clients' labels, as targets.json records it (without the per-client ``clusters``
+    and the ``codebook_sha1`` that only the finished run knows): the iteration (1 for MFCC; with hubert
+    1 + the iteration of the targets the checkpoint was trained on), the features (hubert: checkpoint,
+    its SHA-1, layer), the codebook mode and the k-means keys."""
+    k = cfg.kmeans
+    return {**features.record(), "codebook": k.codebook, "n_clusters": k.n_clusters,
+            "min_frames_per_cluster": k.min_frames_per_cluster, "percent": k.percent, "seed": cfg.seed}
+
+
+def read_targets(partitions_dir: str | Path) -> dict[str, Any] | None:
+    """``<partitions_dir>/targets.json`` as a dict; None when absent (targets made before it existed)."""
+    path = Path(partitions_dir) / TARGETS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is not a JSON object: rerun generate_kmeans_targets.py")
+    return record
+
+
+def write_targets(partitions_dir: str | Path, record: dict[str, Any], clusters: dict[int, int],
+                  codebook_sha1: str | None = None, merge: bool = False) -> dict[str, Any]:
+    """Writes targets.json: ``record`` (:func:`targets_record`), ``clusters`` {client: K} (with ``merge``
+    added to the clients an earlier run of the same record labelled) and, for a federated codebook,
+    its SHA-1. Returns what was written."""
+    old = read_targets(partitions_dir) if merge else None
+    before = old.get("clusters", {}) if old else {}
+    out = {**record, "clusters": {**before, **{str(c): int(n) for c, n in clusters.items()}}}
+    out["clusters"] = dict(sorted(out["clusters"].items(), key=lambda item: int(item[0])))
+    if codebook_sha1 is not None:
+        out["codebook_sha1"] = codebook_sha1
+    with atomic_open(Path(partitions_dir) / TARGETS_FILE) as handle:
+        json.dump(out, handle, indent=2)
+        handle.write("\n")
+    return out
+
+
+def targets_differ(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """``key: a -> b`` of every targets.json entry (but ``skip``) that differs."""
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if key not in skip and a.get(key) != b.get(key)]
 
 
 def parse_clients(text: str | None, num_clients: int) -> list[int]:
@@ -252,19 +451,30 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         raise ConfigError(f"--clients {clients}: kmeans.codebook=federated fits one codebook with every client; "
                           f"drop --clients (or use kmeans.codebook=local)")
     ids = parse_clients(clients, cfg.partition.num_clients)
-    features = MfccFeatures(cfg)
+    features = make_features(cfg)  # kmeans.checkpoint and kmeans.layer are checked here, before any fitting
     for k in ids:  # fail before any fitting if a manifest is missing
         for s in SPLITS:
             read_manifest(client_dir(out, k) / f"{s}.tsv")
+    record = targets_record(cfg, features)
+    if features.iteration > 1:
+        log.info("iteration %d targets: layer %d of %d of %s (SHA-1 %s)", features.iteration, features.layer,
+                 features.num_layers, features.path, features.sha1[:12])
     if federated:
         from fedhubert.federation.simulation import run_federated_kmeans  # imports Flower: only when needed
 
-        return run_federated_kmeans(cfg)["clients"]
+        return run_federated_kmeans(cfg)["clients"]  # its server writes targets.json
+    old = read_targets(out) if clients is not None else None
+    if old is not None and targets_differ(old, record, skip=("clusters", "codebook_sha1")):
+        raise ConfigError(f"--clients {clients}: the other clients' labels in {out} were made otherwise "
+                          f"({'; '.join(targets_differ(old, record, skip=('clusters', 'codebook_sha1')))}, "
+                          f"{TARGETS_FILE}): drop --clients to relabel every client the same way")
     if (out / CODEBOOK_FILE).exists():
         log.warning("removing %s: with kmeans.codebook=local the clients' ids no longer share it", out / CODEBOOK_FILE)
         (out / CODEBOOK_FILE).unlink()
-    with single_torch_thread():
-        return [client_targets(cfg, k, features) for k in ids]
+    with feature_threads(features):
+        infos = [client_targets(cfg, k, features) for k in ids]
+    write_targets(out, record, {i["client"]: i["n_clusters"] for i in infos}, merge=clients is not None)
+    return infos
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
-"""Federated k-means as a Flower app: one MFCC codebook for all clients (``kmeans.codebook: federated``).
+"""Federated k-means as a Flower app: one codebook for all clients (``kmeans.codebook: federated``), of
+the features ``kmeans.features`` selects (MFCC, or a HuBERT checkpoint's layer: targets.make_features),
+fitted on ``kmeans.percent`` of each client's training utterances (targets.fitting_utterances).
 
 The ServerApp sends three kinds of message, each answered by the ClientApp below; no frame ever
 leaves a client (fedkmeans.py has the algorithm and its guarantees):
 
-- ``train.kmeans_init`` (every client): the client streams its train split's MFCC frames, keeps a
+- ``train.kmeans_init`` (every client): the client streams its train split's frames, keeps a
   uniform sample of at most :data:`INIT_MAX_FRAMES`, fits a local k-means of ``kmeans.k_local``
   centres (0 = n_clusters) and returns only those centres and their counts (k-FED); the server
   seeds the codebook from the pooled centres (:func:`fedkmeans.initial_codebook`).
@@ -18,8 +20,8 @@ leaves a client (fedkmeans.py has the algorithm and its guarantees):
 A client that raises or replies with unusable numbers is left out of that step with a warning; a
 step goes on while ``federation.min_fit_clients`` succeed; the initialisation and the labelling go
 to all ``partition.num_clients`` clients, and labelling needs every one of them. The
-server writes ``codebook.npy`` and ``kmeans_metrics.jsonl`` (one line per round) under
-``data.partitions_dir``, and one console line per round.
+server writes ``codebook.npy``, ``kmeans_metrics.jsonl`` (one line per round) and ``targets.json``
+(targets.write_targets) under ``data.partitions_dir``, and one console line per round.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -46,7 +48,9 @@ from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
 from fedhubert.partition import SPLITS
-from fedhubert.targets import CODEBOOK_FILE, MfccFeatures, SplitFrames, cluster_count, label_files, single_torch_thread
+from fedhubert.fileio import file_sha1
+from fedhubert.targets import (CODEBOOK_FILE, SplitFrames, cluster_count, feature_threads, fitting_utterances,
+                               label_files, make_features, targets_record, write_targets)
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +106,13 @@ def _client(msg: Message, context: Context) -> tuple[Config, int, Path]:
 
 
 def _splits(cfg: Config, data_dir: Path, splits: tuple[str, ...] = ("train",)) -> dict[str, SplitFrames]:
-    features = MfccFeatures(cfg)
+    features = make_features(cfg)
     return {s: SplitFrames(data_dir / f"{s}.tsv", features, cfg.data.sample_rate) for s in splits}
 
 
-def _utterances(frames: SplitFrames) -> Iterator[np.ndarray]:
-    """The split's frames, one utterance at a time: memory stays flat whatever the split's size."""
-    return (frames.utterance(i) for i in range(len(frames)))
+def _utterances(frames: SplitFrames, indices: Iterable[int]) -> Iterator[np.ndarray]:
+    """The frames of utterances ``indices``, one utterance at a time: memory stays flat whatever the split's size."""
+    return (frames.utterance(int(i)) for i in indices)
 
 
 def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | None = None) -> Message:
@@ -125,20 +129,24 @@ clientapp = ClientApp()
 def kmeans_init(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir = _client(msg, context)
     train, seed = _splits(cfg, data_dir)["train"], derive_seed(cfg.seed, "kmeans", pid)
-    with single_torch_thread():
-        sample = fedkmeans.reservoir_sample(_utterances(train), INIT_MAX_FRAMES,
+    fit = fitting_utterances(cfg, train.sizes, pid)
+    with feature_threads(train.features):
+        sample = fedkmeans.reservoir_sample(_utterances(train, fit), INIT_MAX_FRAMES,
                                             np.random.default_rng(derive_seed(seed, "sample")))
     centres, counts = fedkmeans.local_centres(sample, cfg.kmeans.k_local or cfg.kmeans.n_clusters, seed, INIT_MAX_FRAMES)
     arrays = ArrayRecord({"centres": Array(centres.astype(np.float32)), "counts": Array(counts.astype(np.int64))})
-    return _reply(msg, {"partition-id": pid, "num-frames": train.num_frames}, arrays)
+    # num-frames: the frames this client fits on (kmeans.percent of its train-frames), which set K
+    return _reply(msg, {"partition-id": pid, "num-frames": train.frames_of(fit), "train-frames": train.num_frames},
+                  arrays)
 
 
 @clientapp.train("kmeans_stats")
 def kmeans_stats(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir = _client(msg, context)
     codebook = msg.content["arrays"]["codebook"].numpy()
-    with single_torch_thread():
-        stats = fedkmeans.client_stats(codebook, _utterances(_splits(cfg, data_dir)["train"]))
+    train = _splits(cfg, data_dir)["train"]
+    with feature_threads(train.features):
+        stats = fedkmeans.client_stats(codebook, _utterances(train, fitting_utterances(cfg, train.sizes, pid)))
     return _reply(msg, {"partition-id": pid}, stats_record(stats))
 
 
@@ -146,7 +154,7 @@ def kmeans_stats(msg: Message, context: Context) -> Message:
 def kmeans_label(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir = _client(msg, context)
     splits = _splits(cfg, data_dir, SPLITS)
-    with single_torch_thread(), label_files(CodebookLabels(msg.content["arrays"]["codebook"].numpy()), splits, data_dir):
+    with feature_threads(splits["train"].features), label_files(CodebookLabels(msg.content["arrays"]["codebook"].numpy()), splits, data_dir):
         pass
     # a per-client k-means of an earlier kmeans.codebook=local run: its ids are not these ones
     (data_dir / "kmeans.joblib").unlink(missing_ok=True)
@@ -231,7 +239,8 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     cfg = absolutize_paths(cfg)
     k, f = cfg.kmeans, cfg.federation
     out = Path(cfg.data.partitions_dir)
-    dim, need = MfccFeatures(cfg).dim, f.min_fit_clients
+    features = make_features(cfg)
+    dim, need = features.dim, f.min_fit_clients
     history: list[dict[str, Any]] = []
 
     def add(record: dict[str, Any], t0: float) -> None:
@@ -244,14 +253,14 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     # Every client takes part in the initialisation and the labelling: wait for all of them to connect.
     _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
     local, report = _exchange(grid, cfg, 0, sorted(nodes), INIT, None, _parse_init(dim), need, "initialisation")
-    total_frames = sum(frames for _, _, frames in local.values())
+    total_frames = sum(frames for _, _, frames in local.values())  # the frames k-means is fitted on
     n_clusters = cluster_count(total_frames, cfg, "the clients together")
     try:
         codebook = fedkmeans.initial_codebook([c for c, _, _ in local.values()], n_clusters,
                                               derive_seed(cfg.seed, "kmeans-init"), [n for _, n, _ in local.values()])
     except ValueError as exc:
         raise DataError(f"k-means initialisation: {exc}") from None
-    add(_step(report, round=0, n_clusters=n_clusters, dim=dim, train_frames=total_frames,
+    add(_step(report, round=0, n_clusters=n_clusters, dim=dim, fit_frames=total_frames,
               local_centres=sum(len(c) for c, _, _ in local.values())), t0)
 
     running, prev, converged = np.zeros(n_clusters, np.int64), None, False
@@ -293,6 +302,8 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
                 "train_utterances": int(m["train-utterances"]), "valid_utterances": int(m["valid-utterances"])}
                for pid, m in labelled.items()]
     log.info("k-means: clients %s wrote train.km and valid.km (%d clusters)", sorted(labelled), n_clusters)
+    write_targets(out, targets_record(cfg, features), {pid: n_clusters for pid in labelled},
+                  codebook_sha1=file_sha1(out / CODEBOOK_FILE))
     return {"codebook": str(out / CODEBOOK_FILE), "n_clusters": n_clusters, "converged": converged,
             "history": history, "clients": clients}
 

@@ -10,7 +10,6 @@ from one shared codebook, so the head means the same everywhere and travels with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedhubert.config import Config, config_from_dict
 from fedhubert.errors import FederationError
+from fedhubert.fileio import file_sha1  # noqa: F401 - re-exported: tasks.py and the tests import it from here
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 
 CONFIG_KEY = "fedhubert-config"  # the run's Config as JSON, inside every message's ConfigRecord
@@ -137,20 +137,15 @@ def absolutize_paths(cfg: Config) -> Config:
     cfg.data.librispeech_root = str(Path(cfg.data.librispeech_root).resolve())
     cfg.data.partitions_dir = str(Path(cfg.data.partitions_dir).resolve())
     cfg.federation.checkpoint_dir = str(Path(cfg.federation.checkpoint_dir).resolve())
+    for section, key in ((cfg.kmeans, "checkpoint"), (cfg.federation, "init_checkpoint")):
+        if getattr(section, key):  # empty means "none", not the current folder
+            setattr(section, key, str(Path(getattr(section, key)).resolve()))
     d = cfg.distillation
     d.teacher_model_path = str(Path(d.teacher_model_path).resolve())
     d.checkpoint_dir = str(Path(d.checkpoint_dir).resolve())
     if d.teacher_heads_dir:
         d.teacher_heads_dir = str(Path(d.teacher_heads_dir).resolve())
     return cfg
-
-
-def file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def targets_fingerprint(data_dir: Path) -> str:
