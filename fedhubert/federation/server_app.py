@@ -89,9 +89,8 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default."""
     task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
-    labels = task.check_label_space(cfg)  # e.g. codebook_sha1: every checkpoint of the run records it
+    labels = task.check_label_space(cfg)  # e.g. codebook_sha1, targets: every checkpoint of the run records them
     ckpts = ServerCheckpoints(cfg, task)
-    model = task.initial_model(cfg)
     strategy = make_strategy(cfg)
     metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
     best_val, best_round, start = math.inf, -1, 1
@@ -105,12 +104,23 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
             raise FederationError(f"--resume: {path} was trained on other labels ({_labels(extras)}) than the "
                                   f"config's ({_labels(labels)}): a head of one label space cannot go on in another; "
                                   "start a new run (another federation.checkpoint_dir)")
+        from fedhubert.targets import targets_differ  # torchaudio, scikit-learn: only where needed
+
+        changed = targets_differ(extras["targets"], labels["targets"]) if "targets" in extras and "targets" in labels else []
+        if changed:
+            raise FederationError(f"--resume: the targets changed since {path} was trained on them (targets.json: "
+                                  f"{'; '.join(changed)}): start a new run (another federation.checkpoint_dir)")
+        model = task.client_model(cfg, {})  # the round-0 model is not needed: every weight comes from the file
         model.load_state_dict(saved_model.state_dict())
+        start_record = {k: v for k, v in extras.items() if k.startswith("init_")}  # how round 0 was made
         strategy.load_state_dict(extras["strategy_state"])
         metrics = RunMetrics(metrics.out_dir, extras["metrics_history"], curves=task.curves)
         best_val, best_round = float(extras["best_val_loss"]), int(extras.get("best_round", -1))
         start = last_round + 1
         log.info("resuming from %s at round %d", path, start)
+    else:
+        model, start_record = task.initial_model(cfg, labels)  # e.g. federation.init_checkpoint's encoder
+    labels = {**labels, **start_record}
 
     def round_config():  # the whole config, the task, and the best round so far (clients keep its head)
         return config_record(cfg, **{TASK_KEY: task.name, BEST_ROUND_KEY: best_round})

@@ -46,7 +46,7 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
 
     task = get_task(task_name)
     check_partitions(cfg)
-    task.preflight(cfg)  # e.g. the teacher and every client's teacher head, before anything is written
+    task.preflight(cfg, resume=resume)  # e.g. the teacher and every client's teacher head, before anything is written
 
     from fedhubert.federation.client_app import app as default_client_app
     from fedhubert.federation.server_app import run_server

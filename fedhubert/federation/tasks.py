@@ -4,7 +4,9 @@ loss, where its files go and how its checkpoints are written; everything else is
 
 - ``pretraining``: HuBERT masked prediction; the encoder travels, and the prediction head too with
   ``kmeans.codebook: federated`` (one codebook: the ids mean the same on every client); with ``local``
-  each client's head stays on it (task.head_is_federated decides, for client and server alike).
+  each client's head stays on it (task.head_is_federated decides, for client and server alike). Round 0
+  is the seeded model, or with ``federation.init_checkpoint`` (HuBERT's next iteration) that
+  checkpoint's encoder under a fresh seeded head (:func:`init_from_checkpoint`).
 - ``distillation``: a student HuBERT learns from the frozen federated teacher; the student encoder and
   the hidden-prediction heads travel, the student's prediction head as the pretraining head does. The
   logits loss uses the teacher's own (global) head when the teacher's codebook was federated, else
@@ -56,21 +58,25 @@ class FederatedTask:
         """Whether a client keeps weights of its own (its head files) in a run of ``cfg``."""
         return any(self.is_local(cfg, name) for name in model.state_dict())
 
-    def preflight(self, cfg: Config) -> None:
+    def preflight(self, cfg: Config, resume: bool = False) -> None:
         """Checks what can be checked before anything is written (the simulation calls it, with the
-        client folders at hand)."""
-        self.check_label_space(cfg)
+        client folders at hand): the label space and, unless resuming, federation.init_checkpoint."""
+        labels = self.check_label_space(cfg)
+        if not resume and cfg.federation.init_checkpoint:
+            init_from_checkpoint(cfg, labels.get("codebook_sha1"))
 
     def check_label_space(self, cfg: Config) -> dict[str, Any]:
         """Before the server writes anything (simulation and deployment): a federated head needs the
         shared codebook its labels came from (targets.check_codebook); a local head on shared labels is
         allowed (logged). Returns what the run's checkpoints record about their labels: with a
-        federated head, ``codebook_sha1`` (resume and distillation check it)."""
+        federated head, ``codebook_sha1`` (resume and distillation check it); ``targets``, the
+        partitions' targets.json (which features, iteration and K made the labels) when there is one."""
         return shared_labels(cfg, cfg.model.vocab_size)
 
-    def initial_model(self, cfg: Config) -> torch.nn.Module:
-        """The server's round-0 global model."""
-        return build_model(cfg)
+    def initial_model(self, cfg: Config, labels: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """(the server's round-0 global model, what every checkpoint of the run records about it);
+        ``labels`` is :meth:`check_label_space`'s answer."""
+        return init_from_checkpoint(cfg, labels.get("codebook_sha1"))
 
     def client_model(self, cfg: Config, node_config: dict) -> torch.nn.Module:
         """The seeded model a client loads the global weights and its own head into."""
@@ -96,16 +102,69 @@ class FederatedTask:
 
 def shared_labels(cfg: Config, vocab_size: int) -> dict[str, Any]:
     """{"codebook_sha1": ...} of ``<partitions_dir>/codebook.npy`` when ``cfg``'s head is federated (after
-    targets.check_codebook: one-line DataError when it is missing or does not fit ``vocab_size``), else {}."""
-    from fedhubert.targets import CODEBOOK_FILE, check_codebook  # torchaudio, scikit-learn: only where checked
+    targets.check_codebook: one-line DataError when it is missing or does not fit ``vocab_size``), and
+    {"targets": ...}, the partitions' targets.json, when there is one."""
+    from fedhubert.targets import CODEBOOK_FILE, check_codebook, read_targets  # torchaudio, scikit-learn: only here
 
+    labels: dict[str, Any] = {}
+    targets = read_targets(cfg.data.partitions_dir)
+    if targets is not None:
+        labels["targets"] = targets
     codebook = Path(cfg.data.partitions_dir) / CODEBOOK_FILE
     if head_is_federated(cfg):
-        return {"codebook_sha1": file_sha1(check_codebook(cfg, vocab_size))}
-    if codebook.is_file():
+        labels["codebook_sha1"] = file_sha1(check_codebook(cfg, vocab_size))
+    elif codebook.is_file():
         log.warning("%s exists: the clients' labels share one codebook, but kmeans.codebook is local, so each "
                     "prediction head stays on its client (kmeans.codebook=federated would federate it)", codebook)
-    return {}
+    return labels
+
+
+# The model keys that decide what the encoder's weights compute; the others (dropouts, layerdrop,
+# feature_grad_mult, logit_temp) are training knobs, and vocab_size/final_dim belong to the head.
+ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
+                "layer_norm_first", "conv_pos", "conv_pos_groups")
+
+
+def init_from_checkpoint(cfg: Config, codebook_sha1: str | None = None) -> tuple[HubertBase, dict[str, Any]]:
+    """The pretraining's round-0 model and what its checkpoints record about it.
+
+    Without ``federation.init_checkpoint``: the seeded model (task.build_model), nothing recorded. With
+    it: the seeded model with the checkpoint's encoder (everything but ``final_proj`` and
+    ``label_embs_concat``), for HuBERT's next iteration on the targets made from that model. The head
+    stays the fresh seeded one unless the label space is provably the same: both this run and the
+    checkpoint federate the head (kmeans.codebook=federated) and the checkpoint's ``codebook_sha1`` is
+    ``codebook_sha1``, the current codebook.npy's, with the same head shapes. Otherwise (other K, another
+    codebook, per-client k-means whose ids mean something on one client only) the old head's ids would
+    mean other sounds. Records ``init_checkpoint`` (path), ``init_checkpoint_sha1`` and ``init_head``
+    (``fresh`` or ``checkpoint``). One-line DataError naming the file when it is missing or unreadable,
+    ConfigError when its encoder does not have this config's architecture."""
+    model = build_model(cfg)
+    if not cfg.federation.init_checkpoint:
+        return model, {}
+    path = Path(cfg.federation.init_checkpoint)
+    if not path.is_file():
+        raise DataError(f"federation.init_checkpoint not found: {path} (the model the pretraining starts from; "
+                        "empty = the seeded random init)")
+    try:
+        source, source_cfg, extras = load_checkpoint(path)
+    except DataError as exc:
+        raise DataError(f"federation.init_checkpoint: {exc}") from None
+    differ = [f"model.{key} {getattr(source_cfg.model, key)} (config: {getattr(cfg.model, key)})"
+              for key in ENCODER_KEYS if getattr(source_cfg.model, key) != getattr(cfg.model, key)]
+    if differ:
+        raise ConfigError(f"federation.init_checkpoint {path} has another encoder than the config's model.* keys: "
+                          f"{', '.join(differ)}; use the same model.* keys as the run that wrote it")
+    theirs, own = source.state_dict(), model.state_dict()
+    model.load_state_dict({k: v for k, v in theirs.items() if not is_head_param(k)}, strict=False)
+    same_labels = (head_is_federated(cfg) and head_is_federated(source_cfg) and codebook_sha1 is not None
+                   and extras.get("codebook_sha1") == codebook_sha1
+                   and all(theirs[k].shape == v.shape for k, v in own.items() if is_head_param(k)))
+    if same_labels:
+        model.load_state_dict({k: v for k, v in theirs.items() if is_head_param(k)}, strict=False)
+    head = "checkpoint" if same_labels else "fresh"
+    log.info("round 0 starts from the encoder of %s with %s", path,
+             "its head (the same codebook.npy)" if same_labels else "a fresh seeded head (a new label space)")
+    return model, {"init_checkpoint": str(path), "init_checkpoint_sha1": file_sha1(path), "init_head": head}
 
 
 # --- distillation ------------------------------------------------------------------------------------
@@ -225,7 +284,7 @@ class DistillationTask(FederatedTask):
                             f"model.vocab_size is {cfg.model.vocab_size}: the teacher was trained on other targets; "
                             "run ./run_pretraining.sh on these targets first")
 
-    def preflight(self, cfg: Config) -> None:
+    def preflight(self, cfg: Config, resume: bool = False) -> None:
         teacher, teacher_cfg, extras = load_teacher(cfg, {})
         init_from_teacher(self._build(cfg, teacher_cfg), teacher, cfg.distillation.init_from_teacher)
         self.check_label_space(cfg)
@@ -251,14 +310,14 @@ class DistillationTask(FederatedTask):
                                 "mean other sounds: re-run ./run_pretraining.sh on the current targets")
         return labels
 
-    def initial_model(self, cfg: Config) -> DistillationModel:
+    def initial_model(self, cfg: Config, labels: dict[str, Any]) -> tuple[DistillationModel, dict[str, Any]]:
         teacher, teacher_cfg, _ = load_teacher(cfg, {})
         model = self._build(cfg, teacher_cfg)
         copied = init_from_teacher(model, teacher, cfg.distillation.init_from_teacher)
         params = sum(p.numel() for p in model.student.parameters())
         log.info("student: %.2f M parameters (teacher %.2f M); copied from the teacher: %s", params / 1e6,
                  sum(p.numel() for p in teacher.parameters()) / 1e6, ", ".join(copied) or "nothing")
-        return model
+        return model, {}
 
     def client_model(self, cfg: Config, node_config: dict) -> DistillationModel:
         return self._build(cfg, teacher_config(cfg, node_config))
