@@ -471,6 +471,8 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
     if (out / CODEBOOK_FILE).exists():
         log.warning("removing %s: with kmeans.codebook=local the clients' ids no longer share it", out / CODEBOOK_FILE)
         (out / CODEBOOK_FILE).unlink()
+    if clients is None:  # every client is relabelled: the old record must not outlive a failed run
+        (out / TARGETS_FILE).unlink(missing_ok=True)
     with feature_threads(features):
         infos = [client_targets(cfg, k, features) for k in ids]
     write_targets(out, record, {i["client"]: i["n_clusters"] for i in infos}, merge=clients is not None)

@@ -49,7 +49,7 @@ from fedhubert.federation.task import absolutize_paths, client_data_dir, config_
 from fedhubert.fileio import atomic_open
 from fedhubert.partition import SPLITS
 from fedhubert.fileio import file_sha1
-from fedhubert.targets import (CODEBOOK_FILE, SplitFrames, cluster_count, feature_threads, fitting_utterances,
+from fedhubert.targets import (CODEBOOK_FILE, TARGETS_FILE, SplitFrames, cluster_count, feature_threads, fitting_utterances,
                                label_files, make_features, targets_record, write_targets)
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     out = Path(cfg.data.partitions_dir)
     features = make_features(cfg)
     dim, need = features.dim, f.min_fit_clients
+    (out / TARGETS_FILE).unlink(missing_ok=True)  # written again once every client has labelled its splits
     history: list[dict[str, Any]] = []
 
     def add(record: dict[str, Any], t0: float) -> None:
