@@ -66,7 +66,7 @@ class PartitionConfig:
 
 @dataclass
 class KMeansConfig:
-    n_clusters: int = knob(500, "clusters per client, or of the shared codebook with codebook=federated (upper bound; see min_frames_per_cluster)", low=2)
+    n_clusters: int = knob(100, "clusters per client, or of the shared codebook with codebook=federated (upper bound; see min_frames_per_cluster)", low=2)
     min_frames_per_cluster: int = knob(20, "a client fits min(n_clusters, fitting frames // this) clusters: its train frames, or kmeans.percent of them (codebook=federated: all clients' together)", low=1)
     n_mfcc: int = knob(13, "MFCC coefficients", low=1, high=40)
     n_mels: int = knob(40, "mel filterbank channels behind the MFCC", low=1, high=128)
