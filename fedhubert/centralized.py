@@ -6,8 +6,12 @@ with the pooled validation masked accuracy after each: the learning curve agains
 
 Pooling the data also pools the targets: one k-means on the pooled training frames (what a
 centralized HuBERT does), instead of one per client. The model starts from the same seeded
-initialisation as the federated run's round 0. Its checkpoint is cached under the evaluation folder
-and reused while the config, the budget and the pooled data stay the same.
+initialisation as the federated run's round 0. A next iteration (kmeans.features hubert,
+federation.init_checkpoint) is repeated without federation too: the pooled frames are clustered in
+the last iteration's *centralized* model's features and training starts from its encoder
+(evaluation.centralized_init), so each iteration of both rows has the same compute. Its checkpoint
+is cached under the evaluation folder and reused while the config, the budget, the pooled data and
+the checkpoints it starts from stay the same.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from torch.utils.data import DataLoader
 from fedhubert.checkpoint import read_checkpoint, save_checkpoint
 from fedhubert.config import Config, config_from_dict
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
-from fedhubert.errors import DataError
+from fedhubert.errors import ConfigError, DataError
 from fedhubert.federation.task import build_model
-from fedhubert.fileio import atomic_write_text
+from fedhubert.fileio import atomic_write_text, file_sha1
 from fedhubert.partition import SPLITS
 from fedhubert.train import evaluate_local, resolve_device, train_local
 
@@ -79,15 +83,21 @@ def pool_clients(cfg: Config, out: Path) -> Path:
         text = "\n".join([roots.pop(), *lines]) + "\n"
         path = target / f"{split}.tsv"
         if not path.is_file() or path.read_text() != text:  # unchanged manifests keep their targets
-            for stale in ("train.km", "valid.km", "kmeans.joblib"):
+            for stale in ("train.km", "valid.km", "kmeans.joblib", "targets.fingerprint"):
                 (target / stale).unlink(missing_ok=True)
             atomic_write_text(path, text)
     return target
 
 
+def _sources(cfg: Config) -> list[str]:
+    """SHA-1s of the checkpoints a next iteration clusters and starts from ('' for none)."""
+    return [file_sha1(Path(p)) if p else "" for p in (cfg.kmeans.checkpoint, cfg.federation.init_checkpoint)]
+
+
 def _fingerprint(cfg: Config, budget: Budget, pooled: Path) -> str:
     keys = {name: cfg.to_dict()[name] for name in ("seed", "data", "kmeans", "model", "training")}
     keys["budget"] = [budget.round_steps, budget.batch_size]
+    keys["init"] = _sources(cfg)
     keys["manifests"] = [(pooled / f"{s}.tsv").read_text() for s in SPLITS]
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
@@ -97,6 +107,7 @@ def pooled_config(cfg: Config, pooled_parts: Path) -> Config:
     values = cfg.to_dict()
     values["data"]["partitions_dir"] = str(pooled_parts)
     values["partition"]["num_clients"] = 1
+    values["kmeans"]["codebook"] = "local"  # one client: its k-means is the pooled data's one codebook
     for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
         values["federation"][key] = 1
     return config_from_dict(values)
@@ -111,26 +122,56 @@ def _point(examples: int, model: torch.nn.Module, valid: DataLoader, cfg: Config
             "chance": majority_share(valid.dataset.labels)}
 
 
+def next_iteration(cfg: Config, pcfg: Config) -> None:
+    """Points the pooled config of a next-iteration run at the last iteration's *centralized* model
+    (evaluation.centralized_init) wherever the federated run uses its federated model: the features
+    clustered (kmeans.checkpoint) and the round-0 encoder (federation.init_checkpoint). So the
+    centralized row repeats the whole recipe without federation, at the same compute per iteration."""
+    uses = [key for key, used in (("kmeans.checkpoint", cfg.kmeans.features == "hubert"),
+                                  ("federation.init_checkpoint", bool(cfg.federation.init_checkpoint))) if used]
+    if not uses:
+        return
+    init = cfg.evaluation.centralized_init
+    if not init:
+        raise ConfigError(f"evaluation.centralized_init is empty, but this run continues another ({' and '.join(uses)} "
+                          "set): the centralized row needs that iteration's centralized model, e.g. "
+                          "<its evaluation.output_dir>/centralized/model.pt (or leave out the centralized row)")
+    if not Path(init).is_file():
+        raise DataError(f"evaluation.centralized_init not found: {init} (evaluate the last iteration with its "
+                        "centralized row first)")
+    if "kmeans.checkpoint" in uses:
+        pcfg.kmeans.checkpoint = str(init)
+    if "federation.init_checkpoint" in uses:
+        pcfg.federation.init_checkpoint = str(init)
+
+
 def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:
     """(checkpoint, info) of the centralized model for ``budget``; trained unless cached."""
-    from fedhubert.targets import MfccFeatures, client_targets, single_torch_thread
+    from fedhubert.federation.tasks import init_from_checkpoint
+    from fedhubert.targets import client_targets, feature_threads, make_features
 
     if budget.steps == 0:
         raise DataError("the federated run records no training steps: nothing to match")
     parts = out_dir / "partitions"
     pooled = pool_clients(cfg, parts)
     pcfg = pooled_config(cfg, parts)
+    next_iteration(cfg, pcfg)
     checkpoint = out_dir / "model.pt"
     fingerprint = _fingerprint(pcfg, budget, pooled)
     if checkpoint.is_file() and read_checkpoint(checkpoint).get("fingerprint") == fingerprint:
         log.info("centralized: reusing %s (same config, budget and data)", checkpoint)
         return checkpoint, read_checkpoint(checkpoint)["info"]
-    if not (pooled / "train.km").is_file():
-        with single_torch_thread():
-            client_targets(pcfg, 0, MfccFeatures(pcfg))
+    labels_made_by = pooled / "targets.fingerprint"  # other features or k-means keys: new labels
+    labels_key = hashlib.sha1(json.dumps([pcfg.to_dict()["kmeans"], pcfg.seed, _sources(pcfg)]).encode()).hexdigest()
+    if not (pooled / "train.km").is_file() or not labels_made_by.is_file() or labels_made_by.read_text() != labels_key:
+        features = make_features(pcfg)
+        with feature_threads(features):
+            client_targets(pcfg, 0, features)
+        atomic_write_text(labels_made_by, labels_key)
 
     batch, device = budget.batch_size, resolve_device(cfg.training.device)
-    model = build_model(cfg)  # the federated run's round-0 model
+    # the federated run's round-0 model: seeded, or (next iteration) the last centralized encoder
+    model = init_from_checkpoint(pcfg)[0]
     log.info("centralized: %d steps of batch %d in %d segments on the pooled data (the federated budget)",
              budget.steps, batch, len(budget.round_steps))
     valid = make_loader(pooled, "valid", pcfg, batch_size=4, seed=cfg.seed, train=False)

@@ -184,6 +184,7 @@ class EvaluationConfig:
     keyword_test_voices: int = knob(4, "of them, voices the keyword classifier never trains on", low=1)
     keyword_rates: list[int] = knob([140, 180], "espeak-ng speaking rates (words per minute) of every voice")
     alignments: str = knob("", "frame-level phone alignment file (uid<TAB>p1,p2,... at 100 Hz) for PNMI and purity; empty = none")
+    centralized_init: str = knob("", "centralized row of a next-iteration run (kmeans.features hubert or federation.init_checkpoint): the last iteration's centralized model (its evaluation folder's centralized/model.pt), clustered and started from as the federated run uses its federated model; empty = MFCC targets and the seeded init")
 
 
 @dataclass

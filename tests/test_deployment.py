@@ -1,10 +1,13 @@
 """Flower's deployment engine on loopback: one flower-superlink, two flower-supernodes (each with its
 own partition id and data path), and `flwr run` of this repository's app for one round; once in insecure
 mode and once with TLS (a private CA made with openssl) and SuperNode authentication (ssh-keygen keys
-registered with `flwr supernode register`), as the README describes. Every process started is stopped."""
+registered with `flwr supernode register`), as the README describes. The insecure run first makes one
+codebook for both clients with the federated k-means (`task="kmeans"`, the same app pair) and then
+pretrains with a federated head; the secure one keeps local codebooks. Every process started is stopped."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -84,11 +87,15 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes, secure):
     if secure and not (shutil.which("openssl") and shutil.which("ssh-keygen")):
         pytest.skip("openssl and ssh-keygen are needed to make the TLS certificates and SuperNode keys")
     root = copy_corpus(tmp_path, speakers=["1688", "2033", "3005", "367"], utts_per_speaker=3)
+    federated_codebook = not secure
     overrides = [*TINY, "partition.num_clients=2", "federation.num_rounds=1",
-                 f"federation.checkpoint_dir={tmp_path / 'ckpt'}"]
+                 f"federation.checkpoint_dir={tmp_path / 'ckpt'}",
+                 f"kmeans.codebook={'federated' if federated_codebook else 'local'}",
+                 "kmeans.max_rounds=2"]  # every message starts a flwr-clientapp process: seconds each
     cfg = make_config(root, tmp_path / "partitions", *overrides)
     partition_corpus(cfg)
-    generate_targets(cfg)
+    if not federated_codebook:  # else the federation makes the targets, below
+        generate_targets(cfg)
 
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     link_port = free_port()
@@ -140,6 +147,17 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes, secure):
                                  f"data.librispeech_root={root}"])
     base_config = REPO / "configs" / "pretraining_config.yaml"
     run_config = f'config="{base_config}" overrides="{server_overrides}"'
+    if federated_codebook:
+        kmeans = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config",
+                                 f'{run_config} task="kmeans"'], env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+        assert kmeans.returncode == 0, kmeans.stdout[-3000:] + kmeans.stderr[-3000:]
+        deadline = time.time() + 60  # the stream can end a moment before the ServerApp's last write
+        while not (tmp_path / "partitions" / "targets.json").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        for k in range(2):  # each SuperNode labelled its own folder with the one codebook
+            assert (tmp_path / "partitions" / f"client_{k}" / "train.km").is_file()
+        assert (tmp_path / "partitions" / "codebook.npy").is_file()
     run = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -152,5 +170,10 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes, secure):
     assert (server / "best_global_model.pt").is_file()
     weights = torch.load(server / "round_1.pt", weights_only=True)["model_weight"]
     assert all(torch.isfinite(t).all() for t in weights.values())
-    for k in range(2):
-        assert (tmp_path / "ckpt" / "clients" / f"client_{k}" / "head_round_1.pt").is_file()
+    if federated_codebook:  # the head travelled: the checkpoint carries it, and the codebook it was trained on
+        state = torch.load(server / "round_1.pt", weights_only=True)
+        assert state["codebook_sha1"] == hashlib.sha1((tmp_path / "partitions" / "codebook.npy").read_bytes()).hexdigest()
+        assert not (tmp_path / "ckpt" / "clients" / "client_0" / "head_round_1.pt").exists()
+    else:
+        for k in range(2):
+            assert (tmp_path / "ckpt" / "clients" / f"client_{k}" / "head_round_1.pt").is_file()

@@ -255,3 +255,37 @@ def test_federated_kmeans_on_hubert_features_with_percent(federated_partitions, 
                                           fedkmeans.assign(codebook, frames.utterance(i)))
         _, _, sizes = read_manifest(d / "train.tsv")
         assert [len(line.split()) for line in (d / "train.km").read_text().splitlines()] == [num_frames(s) for s in sizes]
+
+
+def test_the_centralized_row_repeats_the_iteration_from_the_centralized_model(federated_partitions, tiny_pretraining,
+                                                                            tmp_path):
+    """An iteration-2 run's centralized row clusters the pooled frames in iteration 1's *centralized*
+    model's features and starts from its encoder (evaluation.centralized_init), at the new run's budget."""
+    from fedhubert.centralized import federated_budget, train_centralized
+
+    cfg1, _ = tiny_pretraining
+    budget = federated_budget(Path(cfg1.federation.checkpoint_dir) / "metrics.jsonl")
+    first, _ = train_centralized(cfg1, tmp_path / "it1", budget)
+    best = teacher_path(tiny_pretraining)
+    next_run = ("kmeans.features=hubert", f"kmeans.checkpoint={best}", f"federation.init_checkpoint={best}")
+    cfg2 = fed_config(federated_partitions, tmp_path / "ckpt", *next_run, f"evaluation.centralized_init={first}")
+    second, info = train_centralized(cfg2, tmp_path / "it2", budget)
+    _, saved_cfg, _ = load_checkpoint(second)
+    assert saved_cfg.kmeans.checkpoint == str(first) and saved_cfg.federation.init_checkpoint == str(first)
+    pooled = joblib.load(tmp_path / "it2" / "partitions" / "client_0" / "kmeans.joblib")
+    assert pooled.cluster_centers_.shape[1] == cfg2.model.hidden_size  # the model's features, not 39-d MFCC
+    assert info["examples"] > 0 and info["curve"][0]["examples"] == 0
+    # iteration 1's centralized row is unchanged: MFCC targets, the seeded model
+    assert joblib.load(tmp_path / "it1" / "partitions" / "client_0" / "kmeans.joblib").cluster_centers_.shape[1] == 39
+    # a new centralized_init (another file) is a new model, not the cached one
+    moved = tmp_path / "it1_copy.pt"
+    save_checkpoint(moved, build_model(cfg1), cfg1)
+    cfg2.evaluation.centralized_init = str(moved)
+    again, _ = train_centralized(cfg2, tmp_path / "it2", budget)
+    assert load_checkpoint(again)[1].kmeans.checkpoint == str(moved)
+    with pytest.raises(ConfigError, match=r"evaluation.centralized_init is empty.*kmeans.checkpoint and "
+                                          r"federation.init_checkpoint"):
+        train_centralized(fed_config(federated_partitions, tmp_path / "ckpt", *next_run), tmp_path / "it3", budget)
+    with pytest.raises(DataError, match=r"evaluation.centralized_init not found: .*gone.pt"):
+        train_centralized(fed_config(federated_partitions, tmp_path / "ckpt", *next_run,
+                                     f"evaluation.centralized_init={tmp_path / 'gone.pt'}"), tmp_path / "it3", budget)

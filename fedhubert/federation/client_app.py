@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedhubert.config import Config
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
+from fedhubert.federation import kmeans_app
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, client_data_dir, config_from_record, decode_arrays,
                                        encode_arrays, head_files, load_encoder, split_state, targets_fingerprint)
 from fedhubert.federation.tasks import FederatedTask, get_task
@@ -136,3 +137,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics.update(health.result())
     metrics["masked_chance"] = majority_share(loader.dataset.labels)
     return Message(content=RecordDict({"metrics": _metrics(metrics, pid)}), reply_to=msg)
+
+
+# kmeans.codebook=federated: the federated k-means (kmeans_app.py) answers on this same ClientApp, so one
+# app declaration serves every task (`flwr run . --run-config 'task="kmeans"'`).
+app.train("kmeans_init")(kmeans_app.kmeans_init)
+app.train("kmeans_stats")(kmeans_app.kmeans_stats)
+app.query("kmeans_label")(kmeans_app.kmeans_label)

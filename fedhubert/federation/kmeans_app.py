@@ -17,6 +17,10 @@ leaves a client (fedkmeans.py has the algorithm and its guarantees):
   final codebook and writes its own ``train.km``/``valid.km`` (targets.label_files): the server
   writes no client file.
 
+Deployment: the project's one ClientApp (client_app.py) answers these messages too, and its ServerApp
+runs :func:`run_kmeans_server` for ``task = "kmeans"``, so ``flwr run . --run-config 'task="kmeans"'``
+needs no other app declaration; ``clientapp`` here is the same handlers alone.
+
 A client that raises or replies with unusable numbers is left out of that step with a warning; a
 step goes on while ``federation.min_fit_clients`` succeed; the initialisation and the labelling go
 to all ``partition.num_clients`` clients, and labelling needs every one of them. The
@@ -35,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedhubert import fedkmeans
@@ -43,7 +47,6 @@ from fedhubert.config import Config
 from fedhubert.data import derive_seed
 from fedhubert.errors import DataError, FederationError
 from fedhubert.federation.metrics import write_jsonl
-from fedhubert.federation.server_app import config_from_run_config
 from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
@@ -307,12 +310,3 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
                   codebook_sha1=file_sha1(out / CODEBOOK_FILE))
     return {"codebook": str(out / CODEBOOK_FILE), "n_clusters": n_clusters, "converged": converged,
             "history": history, "clients": clients}
-
-
-# --- `flwr run` entry point: pyproject.toml's serverapp/clientapp set to kmeans_app:serverapp/clientapp ----
-serverapp = ServerApp()
-
-
-@serverapp.main()
-def main(grid: Grid, context: Context) -> None:
-    run_kmeans_server(grid, config_from_run_config(context.run_config))

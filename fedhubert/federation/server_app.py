@@ -189,7 +189,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
 
 # --- `flwr run` entry point ----------------------------------------------------------------------
 # pyproject.toml's [tool.flwr.app.config] carries `config` (a YAML path) and `overrides` (space-
-# separated section.key=value), `resume` and `task` (pretraining or distillation); `flwr run .
+# separated section.key=value), `resume` and `task` (kmeans, pretraining or distillation); `flwr run .
 # --run-config '...'` changes them.
 app = ServerApp()
 
@@ -203,5 +203,11 @@ def config_from_run_config(run_config: dict) -> Config:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
+    task = str(run_config.get("task", "pretraining"))
+    if task == "kmeans":  # kmeans.codebook=federated: the shared codebook, before the pretraining
+        from fedhubert.federation.kmeans_app import run_kmeans_server  # torchaudio, scikit-learn: only here
+
+        run_kmeans_server(grid, config_from_run_config(run_config))
+        return
     run_server(grid, config_from_run_config(run_config), resume=bool(run_config.get("resume", False)),
-               task=get_task(str(run_config.get("task", "pretraining"))))
+               task=get_task(task))

@@ -57,9 +57,10 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
 def run_federated_kmeans(cfg: Config, client_app: Any = None) -> dict[str, Any]:
     """kmeans.codebook=federated: one MFCC codebook for all clients by federated k-means (kmeans_app.py);
     every client writes its own train.km and valid.km. ``client_app`` replaces the k-means ClientApp."""
-    from fedhubert.federation.kmeans_app import clientapp, run_kmeans_server
+    from fedhubert.federation.client_app import app as default_client_app  # it answers k-means messages too
+    from fedhubert.federation.kmeans_app import run_kmeans_server
 
-    return simulate(cfg, lambda grid: run_kmeans_server(grid, cfg), client_app or clientapp)
+    return simulate(cfg, lambda grid: run_kmeans_server(grid, cfg), client_app or default_client_app)
 
 
 def simulate(cfg: Config, serve: Callable[[Any], dict[str, Any]], client_app: Any) -> dict[str, Any]:
