@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 from fedhubert.audio import load_audio  # noqa: E402
 from fedhubert.config import load_config, num_frames  # noqa: E402
 from fedhubert.librispeech import scan_corpus  # noqa: E402
-from fedhubert.targets import MfccFeatures, cluster_count, fit_kmeans, single_torch_thread  # noqa: E402
+from fedhubert.features import MfccFeatures, single_torch_thread  # noqa: E402
+from fedhubert.targets import cluster_count, fit_kmeans  # noqa: E402
 
 
 def timed(fn):

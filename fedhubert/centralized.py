@@ -31,7 +31,6 @@ from fedhubert.checkpoint import read_checkpoint, save_checkpoint
 from fedhubert.config import Config, config_from_dict
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.federation.task import build_model
 from fedhubert.fileio import atomic_write_text, file_sha1
 from fedhubert.partition import SPLITS
 from fedhubert.train import evaluate_local, resolve_device, train_local
@@ -148,7 +147,8 @@ def next_iteration(cfg: Config, pcfg: Config) -> None:
 def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:
     """(checkpoint, info) of the centralized model for ``budget``; trained unless cached."""
     from fedhubert.federation.tasks import init_from_checkpoint
-    from fedhubert.targets import client_targets, feature_threads, make_features
+    from fedhubert.features import feature_threads, make_features
+    from fedhubert.targets import client_targets
 
     if budget.steps == 0:
         raise DataError("the federated run records no training steps: nothing to match")

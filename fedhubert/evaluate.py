@@ -123,7 +123,7 @@ def upstream_features(upstream: torch.nn.Module, clips: ProbeSet, seed: int,
 
 def mfcc_features(cfg: Config, clips: ProbeSet) -> Features:
     """The floor every model must beat: mean and standard deviation of the 39-d MFCC (one 'layer')."""
-    from fedhubert.targets import MfccFeatures, single_torch_thread
+    from fedhubert.features import MfccFeatures, single_torch_thread
 
     mfcc = MfccFeatures(cfg)
     with single_torch_thread():

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
 TARGET_FILES = ("train.km", "valid.km", "kmeans.joblib")  # made by generate_kmeans_targets.py
+# ... and under partitions_dir: what made the labels, kmeans.codebook=federated's codebook and its rounds
+TARGETS_FILE, CODEBOOK_FILE, KMEANS_METRICS_FILE = "targets.json", "codebook.npy", "kmeans_metrics.jsonl"
+SHARED_TARGET_FILES = (TARGETS_FILE, CODEBOOK_FILE, KMEANS_METRICS_FILE)
 _DIRICHLET_TRIES = 100
 
 
@@ -215,17 +218,22 @@ def _clear_stale(out: Path, num_clients: int, new_tsvs: dict[Path, str]) -> None
         if d.is_dir() and suffix.isdigit() and int(suffix) >= num_clients:
             log.warning("removing %s: left from an earlier run with more clients", d)
             shutil.rmtree(d)
+    any_changed = False
     for k in range(num_clients):
         d = client_dir(out, k)
         changed = any(not p.is_file() or p.read_text() != text for p, text in new_tsvs.items() if p.parent == d)
+        any_changed |= changed
         stale = [d / name for name in TARGET_FILES if (d / name).exists()]
         if changed and stale:
             log.warning("%s: partition changed, removing its old k-means targets (%s)", d,
                         ", ".join(p.name for p in stale))
             for p in stale:
                 p.unlink()
-            if (out / "targets.json").exists():  # it describes targets that are gone now
-                (out / "targets.json").unlink()
+    shared = [out / name for name in SHARED_TARGET_FILES if (out / name).exists()]
+    if any_changed and shared:  # they describe (or made) targets of clients that changed
+        log.warning("%s: partition changed, removing %s", out, ", ".join(p.name for p in shared))
+        for p in shared:
+            p.unlink()
 
 
 def partition_corpus(cfg: Config) -> dict:

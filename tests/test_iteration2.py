@@ -1,5 +1,5 @@
 """HuBERT's second iteration: k-means on a pretrained model's own layer (kmeans.features=hubert,
-targets.HubertFeatures through targets.make_features), targets.json, kmeans.percent, and a pretraining
+features.HubertFeatures through features.make_features), targets.json, kmeans.percent, and a pretraining
 that starts from a checkpoint's encoder (federation.init_checkpoint) with a fresh head."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from fedhubert.errors import ConfigError, DataError
 from fedhubert.federation.task import build_model, is_head_param
 from fedhubert.federation.tasks import FederatedTask, init_from_checkpoint
 from fedhubert.partition import SPLITS
-from fedhubert.targets import (HubertFeatures, default_layer, fitting_utterances, generate_targets, make_features,
-                               read_targets)
+from fedhubert.features import HubertFeatures, default_layer, make_features
+from fedhubert.targets import fitting_utterances, generate_targets, read_targets
 
 
 def sha1(path: Path) -> str:

@@ -17,7 +17,8 @@ from fedhubert.config import load_config, num_frames
 from fedhubert.data import read_manifest
 from fedhubert.errors import ConfigError
 from fedhubert.partition import SPLITS
-from fedhubert.targets import MfccFeatures, SplitFrames, generate_targets, single_torch_thread
+from fedhubert.features import MfccFeatures, single_torch_thread
+from fedhubert.targets import SplitFrames, generate_targets
 
 K, D = 20, 39  # TINY's kmeans.n_clusters; 13 MFCC + deltas + delta-deltas
 

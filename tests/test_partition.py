@@ -201,12 +201,17 @@ def test_stale_clients_and_targets_are_removed(bundled_copy, tmp_path, config_fo
     for k in range(4):
         for name in ("train.km", "valid.km", "kmeans.joblib"):
             (out / f"client_{k}" / name).write_text("old")
+    shared = ("targets.json", "codebook.npy", "kmeans_metrics.jsonl")  # a federated codebook's files
+    for name in shared:
+        (out / name).write_text("old")
     partition_corpus(config_for(bundled_copy, out, "partition.num_clients=4"))  # same partition
     assert (out / "client_0" / "train.km").read_text() == "old"  # still valid: kept
+    assert all((out / name).read_text() == "old" for name in shared)
     (out / "client_notes").mkdir()  # not a client folder: left alone
     partition_corpus(config_for(bundled_copy, out, "partition.num_clients=3"))
     assert sorted(p.name for p in out.glob("client_*")) == ["client_0", "client_1", "client_2", "client_notes"]
     assert not list(out.rglob("*.km")) and not list(out.rglob("kmeans.joblib"))
+    assert not any((out / name).exists() for name in shared)  # a codebook of clients that are gone
     assert json.loads((out / "summary.json").read_text())["num_clients"] == 3
 
 

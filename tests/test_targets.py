@@ -16,7 +16,8 @@ from fedhubert.audio import load_audio
 from fedhubert.config import Config, load_config, num_frames
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.partition import partition_corpus
-from fedhubert.targets import MfccFeatures, cluster_count, generate_targets, parse_clients, single_torch_thread
+from fedhubert.features import MfccFeatures, single_torch_thread
+from fedhubert.targets import cluster_count, generate_targets, parse_clients
 
 FAST = ("kmeans.n_clusters=16", "kmeans.batch_size=1500", "kmeans.fit_passes=2")
 

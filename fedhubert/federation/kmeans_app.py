@@ -1,5 +1,5 @@
 """Federated k-means as a Flower app: one codebook for all clients (``kmeans.codebook: federated``), of
-the features ``kmeans.features`` selects (MFCC, or a HuBERT checkpoint's layer: targets.make_features),
+the features ``kmeans.features`` selects (MFCC, or a HuBERT checkpoint's layer: features.make_features),
 fitted on ``kmeans.percent`` of each client's training utterances (targets.fitting_utterances).
 
 The ServerApp sends three kinds of message, each answered by the ClientApp below; no frame ever
@@ -50,15 +50,16 @@ from fedhubert.federation.metrics import write_jsonl
 from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
-from fedhubert.partition import SPLITS
+from fedhubert.partition import KMEANS_METRICS_FILE, SPLITS
 from fedhubert.fileio import file_sha1
-from fedhubert.targets import (CODEBOOK_FILE, TARGETS_FILE, SplitFrames, cluster_count, feature_threads, fitting_utterances,
-                               label_files, make_features, targets_record, write_targets)
+from fedhubert.features import feature_threads, make_features
+from fedhubert.targets import (CODEBOOK_FILE, TARGETS_FILE, SplitFrames, cluster_count, fitting_utterances, label_files,
+                               targets_record, write_targets)
 
 log = logging.getLogger(__name__)
 
 INIT_MAX_FRAMES = 20_000  # frames of a client's uniform sample for its local k-FED k-means
-METRICS_FILE = "kmeans_metrics.jsonl"
+METRICS_FILE = KMEANS_METRICS_FILE  # one line per round, under data.partitions_dir
 INIT, STATS, LABEL = "train.kmeans_init", "train.kmeans_stats", "query.kmeans_label"
 
 
