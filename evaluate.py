@@ -19,13 +19,16 @@ def main() -> None:
     parser = parser_with_config(__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--rows", help="comma-separated subset of evaluation.rows, e.g. federated,mfcc")
+    parser.add_argument("--round", type=int, dest="federated_round", metavar="N",
+                        help="the federated row is round N's global model (server/round_N.pt, with the clients' "
+                        "round-N heads) instead of the best one; compute (and the centralized budget) count rounds 1..N")
     args = parser.parse_args()
     from fedhubert.eval_rows import run_evaluation
     cfg = config_from_args(args)
     if args.rows:
         args.overrides.append(f"evaluation.rows=[{args.rows}]")
         cfg = config_from_args(args)
-    run_evaluation(cfg)
+    run_evaluation(cfg, federated_round=args.federated_round)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,18 @@ class Budget:
         return max(1, round(self.examples / self.steps)) if self.steps else 0
 
 
-def federated_budget(metrics_jsonl: Path) -> Budget:
-    """Steps and examples summed over every client of every training round of ``metrics.jsonl``."""
+def federated_budget(metrics_jsonl: Path, up_to_round: int | None = None) -> Budget:
+    """Steps and examples summed over every client of every training round of ``metrics.jsonl`` (of
+    rounds 1..``up_to_round`` only, when given)."""
     if not metrics_jsonl.is_file():
         raise DataError(f"{metrics_jsonl} not found: run the federated stage with the same config first")
     steps = examples = 0
     round_steps = []
     for line in metrics_jsonl.read_text().splitlines():
-        clients = json.loads(line).get("client_train", {}).values()
+        record = json.loads(line)
+        if up_to_round is not None and int(record.get("round", 0)) > up_to_round:
+            continue
+        clients = record.get("client_train", {}).values()
         if clients:
             round_steps.append(sum(int(c.get("steps", 0)) for c in clients))
             examples += sum(int(c.get("num-examples", 0)) for c in clients)

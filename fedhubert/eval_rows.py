@@ -27,6 +27,7 @@ from fedhubert.checkpoint import load_checkpoint, save_checkpoint
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
 from fedhubert.data import majority_share, make_loader, read_labels, read_manifest
 from fedhubert.distill import STUDENT
+from fedhubert.errors import DataError
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
 from fedhubert.evaluate import best_checkpoint, probe_row, row_features
 from fedhubert.federation.task import build_model, head_is_federated, is_head_param
@@ -103,10 +104,24 @@ def _masked_with_heads(checkpoint: Path, cfg: Config, task: FederatedTask) -> Ca
 
 # --- rows ----------------------------------------------------------------------------------------------
 
-def row_specs(cfg: Config, out: Path, rows: list[str]) -> list[RowSpec]:
-    """What each requested row evaluates; trains the centralized baseline when it is asked for."""
-    federated = best_checkpoint(cfg)
-    budget = federated_budget(Path(cfg.federation.checkpoint_dir) / "metrics.jsonl")
+def round_checkpoint(cfg: Config, rnd: int) -> Path:
+    """``server/round_<rnd>.pt`` of the config's pretraining; one line naming the rounds kept if it is gone."""
+    server = Path(cfg.federation.checkpoint_dir) / "server"
+    path = server / f"round_{rnd}.pt"
+    if not path.is_file():
+        kept = sorted(int(p.stem.removeprefix("round_")) for p in server.glob("round_*.pt")
+                      if p.stem.removeprefix("round_").isdigit())
+        raise DataError(f"--round {rnd}: {path} not found (rounds kept: {kept or 'none'}; "
+                        "federation.keep_last_checkpoints sets how many)")
+    return path
+
+
+def row_specs(cfg: Config, out: Path, rows: list[str], federated_round: int | None = None) -> list[RowSpec]:
+    """What each requested row evaluates; trains the centralized baseline when it is asked for. The
+    federated row is the best global model, or with ``federated_round`` that round's global model
+    (and its clients' heads); its compute, and the centralized row's, are then rounds 1..that round."""
+    federated = best_checkpoint(cfg) if federated_round is None else round_checkpoint(cfg, federated_round)
+    budget = federated_budget(Path(cfg.federation.checkpoint_dir) / "metrics.jsonl", federated_round)
     specs = []
     for name in rows:
         if name == "federated":
@@ -185,8 +200,9 @@ def targets_quality(cfg: Config, out: Path) -> dict[str, Any]:
     return result
 
 
-def run_evaluation(cfg: Config, rows: list[str] | None = None) -> dict[str, Any]:
-    """Measures every row on the same data and writes evaluation.json, .md and .png. Returns the results."""
+def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: int | None = None) -> dict[str, Any]:
+    """Measures every row on the same data and writes evaluation.json, .md and .png. Returns the results.
+    ``federated_round``: evaluate that round's global model instead of the best one (see row_specs)."""
     from fedhubert.report import write_report
 
     out = Path(cfg.evaluation.output_dir)
@@ -194,7 +210,7 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None) -> dict[str, Any]
     device = resolve_device(cfg.training.device)
     started = time.perf_counter()
     sets: dict[str, ProbeSet] = {"speaker": speaker_set(cfg), "keyword": keyword_set(cfg, out / "cache" / "espeak")}
-    specs = row_specs(cfg, out, rows)
+    specs = row_specs(cfg, out, rows, federated_round)
     crop_seconds = cfg.data.max_audio_length / cfg.data.sample_rate
     results = []
     for spec in specs:
@@ -208,6 +224,7 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None) -> dict[str, Any]
         results.append(row)
         log.info("evaluated %s in %.1f s", spec.name, time.perf_counter() - t0)
     report = {"rows": results, "targets": targets_quality(cfg, out), "seed": cfg.seed, "crop_seconds": crop_seconds,
+              "federated_round": federated_round,
               "data": {name: {"clips": len(s), "test_clips": int(sum(s.is_test)), "classes": len(set(s.labels)),
                               "seconds": s.seconds(cfg.data.sample_rate)} for name, s in sets.items()},
               "seconds": time.perf_counter() - started}

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, TINY, fed_config
 from fedhubert.centralized import federated_budget
 from fedhubert.data import make_loader
+from fedhubert.errors import DataError
 from fedhubert.eval_rows import ROWS, masked_prediction
 from fedhubert.eval_sets import segments, speaker_set
 from fedhubert.federation.task import build_model, split_state
@@ -119,3 +120,20 @@ def test_evaluate_repeats_its_numbers(evaluated, tmp_path):
     first = [line for line in runs[0].stdout.splitlines() if line.startswith("| ")]
     second = [line for line in runs[1].stdout.splitlines() if line.startswith("| ")]
     assert first == second and len(first) >= 2 + len(ROWS)
+
+
+def test_a_rounds_global_model_with_its_compute(tiny_pretraining, tmp_path):
+    """evaluate.py --round N: the federated row is round_N.pt, and compute (the centralized budget too)
+    counts rounds 1..N only; a round no longer kept is one line naming the rounds that are."""
+    from fedhubert.eval_rows import row_specs
+
+    cfg, result = tiny_pretraining
+    first = federated_budget(Path(cfg.federation.checkpoint_dir) / "metrics.jsonl", up_to_round=1)
+    both = federated_budget(Path(cfg.federation.checkpoint_dir) / "metrics.jsonl")
+    round1 = [c for r in result["history"] if r["round"] == 1 for c in r["client_train"].values()]
+    assert first.examples == sum(c["num-examples"] for c in round1) and len(first.round_steps) == 1
+    assert 0 < first.examples < both.examples
+    (spec,) = row_specs(cfg, tmp_path, ["federated"], federated_round=1)
+    assert spec.checkpoint.name == "round_1.pt" and spec.examples == first.examples
+    with pytest.raises(DataError, match=r"--round 7: .*round_7.pt not found \(rounds kept: \[0, 1, 2\]"):
+        row_specs(cfg, tmp_path, ["federated"], federated_round=7)
