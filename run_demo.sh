@@ -3,7 +3,9 @@
 # partitions -> per-client k-means targets -> federated pretraining -> s3prl loads the best model ->
 # federated distillation into a smaller student (configs/demo_distillation.yaml) -> s3prl loads it ->
 # the evaluation table (federated, centralized, student, random-init, mfcc).
-# Extra arguments (e.g. --set federation.num_rounds=3) go to every stage.
+# Extra arguments (e.g. --set federation.num_rounds=3) go to every stage. Run again, it starts afresh:
+# the federated stages get --overwrite, so the previous demo's checkpoints are moved aside to
+# demo_output/checkpoints/<stage>.old-<time> (never deleted; remove them when no longer wanted).
 set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
 CONFIG="${CONFIG:-configs/demo.yaml}"
@@ -11,9 +13,9 @@ DISTILLATION_CONFIG="${DISTILLATION_CONFIG:-configs/demo_distillation.yaml}"
 set -x
 python partition_data.py --config "$CONFIG" "$@"
 python generate_kmeans_targets.py --config "$CONFIG" "$@"
-python federated_hubert_pretraining.py --config "$CONFIG" "$@"
+python federated_hubert_pretraining.py --config "$CONFIG" --overwrite "$@"
 python check_s3prl_load.py --config "$CONFIG" "$@"
-python federated_distillation.py --config "$DISTILLATION_CONFIG" "$@"
+python federated_distillation.py --config "$DISTILLATION_CONFIG" --overwrite "$@"
 python check_s3prl_load.py --config "$DISTILLATION_CONFIG" "$@" --student
 python evaluate.py --config "$DISTILLATION_CONFIG" "$@"
 set +x

@@ -111,13 +111,14 @@ def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **e
         torch.save(state, tmp)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw dict of a checkpoint (weights_only); DataError naming ``path`` when unusable."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The raw dict of a checkpoint (weights_only); DataError naming ``path`` when unusable. ``mmap``
+    leaves the tensors on disk until touched (for reading the config and extras of a large file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # zip, pickle and weights_only errors all mean "not our checkpoint"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{path}: not a readable checkpoint ({first})") from None

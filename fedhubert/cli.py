@@ -18,7 +18,12 @@ def parser_with_config(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The validated config, and training.device / training.precision checked on this machine (the
+    simulation's clients run here), before a script writes or starts anything."""
+    cfg = load_config(args.config, args.overrides)
+    from fedhubert.train import check_device  # imports torch: only once the keys are fine
+    check_device(cfg)
+    return cfg
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -35,11 +40,17 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def federated_main(task: str, description: str, default_config: str) -> None:
-    """The federated stages' command line: --config, --set, --resume; runs ``task`` as a simulation."""
+    """The federated stages' command line: --config, --set, --resume or --overwrite; runs ``task`` as a
+    simulation."""
     parser = parser_with_config(description)
     parser.set_defaults(config=default_config)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest round_<r>.pt of the task's checkpoint folder at round r+1")
+    earlier = parser.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true",
+                         help="continue from the newest round_<r>.pt of the task's checkpoint folder at round r+1")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="the checkpoint folder holds an earlier run: move it aside to <folder>.old-<time> "
+                         "(nothing is deleted), then start afresh")
     args = parser.parse_args()
+    cfg = config_from_args(args)
     from fedhubert.federation.simulation import run_federated  # imports Flower: only once the flags are fine
-    run_federated(task, config_from_args(args), resume=args.resume)
+    run_federated(task, cfg, resume=args.resume, overwrite=args.overwrite)

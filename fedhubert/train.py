@@ -33,16 +33,28 @@ COUNT_KEYS = ("num_masked", "num_unmasked")  # summed over batches, not averaged
 
 # --- Devices, precision, seeding -------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise the named device (checked to exist)."""
+def parse_device(name: str) -> torch.device:
+    """training.device as a torch.device, on any machine: 'auto' (cuda when available), 'cpu' or 'cuda[:N]';
+    anything else is a one-line ConfigError naming the key (the deployment's server checks only this: its
+    clients may have GPUs it lacks)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"training.device: unknown device {name!r} (use auto, cpu or cuda[:N])") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # torch knows mps, xla, meta...: we train on neither
+        raise ConfigError(f"training.device: unknown device {name!r} (use auto, cpu or cuda[:N])")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """:func:`parse_device`, checked to exist on this machine."""
+    device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training.device is {name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"training.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -57,6 +69,15 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
         raise ConfigError(f"training.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_device(cfg: Config) -> torch.device:
+    """training.device and training.precision on this machine, as the clients will resolve them: the
+    scripts call it with the config checks, so that a device or precision the machine lacks stops
+    before anything is written or started, in one line naming the key."""
+    device = resolve_device(cfg.training.device)
+    autocast(cfg, device)
+    return device
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ continued from its encoder), each next to the centralized run at equal compute.
     python scripts/compare_label_spaces.py --config configs/cpu_hour.yaml --out comparisons/hour --only local-it1
 
 Cells (each one chain of the project's own scripts, run in a subprocess; a finished cell is skipped
-when the comparison is started again):
+when the comparison is started again, an unfinished one starts over with its earlier checkpoint folder
+moved aside, --overwrite):
   <codebook>-it1    partition_data.py, generate_kmeans_targets.py (MFCC, kmeans.codebook=<codebook>),
                     federated_hubert_pretraining.py, evaluate.py --rows federated,centralized
   <codebook>-it2    the same with --iteration2-config (K-means on layer kmeans.layer of <codebook>-it1's
@@ -32,8 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from fedhubert.cli import run_main  # noqa: E402
 from fedhubert.config import load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
+from fedhubert.train import check_device  # noqa: E402
 from sweep_federation import run, selected, sets  # noqa: E402
 
 CODEBOOKS = ("local", "federated")
@@ -69,8 +72,9 @@ def run_cell(name: str, cell: dict, config: str, out: Path, extra: list[str], lo
     rows = "federated,centralized" + (",random-init,mfcc" if name == "local-it1" else "")
     # the cell's own keys win over the --set given to every cell (e.g. num_rounds in local-it1-2x)
     args = ["--config", config, *sets([*folders(out, name), *extra, *cell["overrides"]])]
-    for script in ("partition_data.py", "generate_kmeans_targets.py", "federated_hubert_pretraining.py"):
+    for script in ("partition_data.py", "generate_kmeans_targets.py"):
         run([script, *args], log)
+    run(["federated_hubert_pretraining.py", *args, "--overwrite"], log)  # a stopped cell's run: moved aside
     run(["evaluate.py", *args, "--rows", rows], log)
 
 
@@ -130,10 +134,11 @@ def main() -> None:
                         "prefixes, e.g. local or federated-it1); a cell also runs the cell it continues")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every cell")
     args = parser.parse_args()
+    base = load_config(args.config, args.overrides)  # a bad key, device or precision: one line, before any write
+    check_device(base)
+    check_device(load_config(args.iteration2_config, args.overrides))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(args.config, args.overrides)  # exits with the key's name on a bad override
-    load_config(args.iteration2_config, args.overrides)
     plan = cells(out, base.federation.num_rounds)
     log = out / "comparison.log"
 
@@ -166,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

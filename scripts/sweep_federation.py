@@ -5,7 +5,8 @@ evaluation probes and the representation-health figures (never on validation los
 Every configuration is the base config plus a few ``--set`` overrides; each runs the project's own
 scripts in a subprocess (pretraining, then ``evaluate.py --rows federated``) on one shared partition
 and k-means targets, and the reference rows (random-init, mfcc) are evaluated once. Finished runs are
-skipped when the sweep is started again, so it can be stopped and resumed. Writes ``sweep.json`` and
+skipped when the sweep is started again, so it can be stopped and resumed (an unfinished run starts
+over; its earlier checkpoint folder is moved aside, --overwrite). Writes ``sweep.json`` and
 ``sweep.md`` (the table) to ``--out``.
 
     python scripts/sweep_federation.py --config configs/demo.yaml --grid strategies --out sweeps/demo
@@ -32,8 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fedhubert.cli import run_main  # noqa: E402
 from fedhubert.config import load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
+from fedhubert.train import check_device  # noqa: E402
 
 ETAS, TAUS = ("1e-3", "3e-3", "1e-2", "3e-2"), ("1e-9", "1e-3")
 
@@ -116,10 +119,11 @@ def main() -> None:
                         "'-'-bounded name prefixes, e.g. fedavg,fedadam-eta1e-2 (the table still lists every finished run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
     args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)  # a bad key, device or precision: one line, before any write
+    check_device(cfg)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = ["--config", args.config, *sets([f"data.partitions_dir={out / 'partitions'}", *args.overrides])]
-    cfg = load_config(args.config, args.overrides)  # exits with the key's name on a bad override
     runs = grid(args.grid, cfg.federation.num_rounds * cfg.training.max_local_steps)
     log = out / "sweep.log"
     if not (out / "partitions" / "client_0" / "train.km").is_file():
@@ -130,7 +134,7 @@ def main() -> None:
         first = next(iter(runs.values()))                # folder to exist: a 1-round run
         ref = base + sets([*first, f"federation.checkpoint_dir={reference_dir / 'ckpt'}", "federation.num_rounds=1",
                            f"evaluation.output_dir={reference_dir / 'eval'}"])
-        run(["federated_hubert_pretraining.py", *ref], log)
+        run(["federated_hubert_pretraining.py", *ref, "--overwrite"], log)  # a stopped run's folder: moved aside
         run(["evaluate.py", *ref, "--rows", "random-init,mfcc"], log)
     reference = json.loads((reference_dir / "eval" / "evaluation.json").read_text())["rows"]
 
@@ -146,7 +150,7 @@ def main() -> None:
                                     f"evaluation.output_dir={folder / 'eval'}"])
             started = time.perf_counter()
             print(f"sweep: {name} ...", flush=True)
-            run(["federated_hubert_pretraining.py", *run_sets], log)
+            run(["federated_hubert_pretraining.py", *run_sets, "--overwrite"], log)  # a stopped run: moved aside
             run(["evaluate.py", *run_sets, "--rows", "federated"], log)
             atomic_write_text(timing, f"{time.perf_counter() - started:.1f}\n")
         seconds = float(timing.read_text()) if timing.is_file() else None
@@ -158,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

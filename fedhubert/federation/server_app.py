@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedhubert.config import Config, load_config
 from fedhubert.errors import FederationError
 from fedhubert.federation.metrics import RunMetrics
+from fedhubert.federation.rundir import prepare_checkpoint_dir, round_files
 from fedhubert.federation.strategy import RoundReport, make_strategy
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, absolutize_paths, config_record, load_encoder,
                                        split_state)
 from fedhubert.federation.tasks import FederatedTask, get_task
 from fedhubert.health import collapse_reasons
+from fedhubert.train import parse_device
 
 log = logging.getLogger(__name__)
-ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
 
 
 class ServerCheckpoints:
@@ -44,8 +44,7 @@ class ServerCheckpoints:
         self.best = self.dir / f"{task.best_name}.pt"
 
     def rounds(self) -> list[tuple[int, Path]]:
-        found = [(int(m.group(1)), p) for p in self.dir.glob("round_*.pt") if (m := ROUND_FILE.search(p.name))]
-        return sorted(found)
+        return round_files(self.dir)
 
     def save_round(self, rnd: int, model: torch.nn.Module, **extras: Any) -> Path:
         path = self.dir / f"round_{rnd}.pt"
@@ -59,11 +58,6 @@ def shared_record(model: torch.nn.Module, task: FederatedTask, cfg: Config) -> A
     """The global model's shared weights as float32 arrays: what FedAdam optimizes."""
     shared, _ = split_state(model, functools.partial(task.is_local, cfg))
     return ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in shared.items()})
-
-
-def _labels(extras: dict[str, Any]) -> str:
-    sha1 = extras.get("codebook_sha1")
-    return f"kmeans.codebook=federated, codebook.npy SHA-1 {sha1[:12]}" if sha1 else "kmeans.codebook=local"
 
 
 def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: RoundReport | None,
@@ -85,31 +79,22 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
     return record
 
 
-def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None) -> dict[str, Any]:
-    """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default."""
+def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default. A folder
+    holding an earlier run is refused, or moved aside with ``overwrite`` (rundir.py), before any write."""
     task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
     labels = task.check_label_space(cfg)  # e.g. codebook_sha1, targets: every checkpoint of the run records them
+    resume_from = prepare_checkpoint_dir(cfg, task, labels, resume=resume, overwrite=overwrite)
     ckpts = ServerCheckpoints(cfg, task)
     strategy = make_strategy(cfg)
     metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
     best_val, best_round, start = math.inf, -1, 1
 
-    if resume:
-        if not ckpts.rounds():
-            raise FederationError(f"--resume: no round_<r>.pt in {ckpts.dir}")
-        last_round, path = ckpts.rounds()[-1]
+    if resume_from is not None:  # its config and labels are the run's (rundir.check_resume)
+        last_round, path = resume_from
         saved_model, extras = task.load(path, cfg)
-        if extras.get("codebook_sha1") != labels.get("codebook_sha1"):
-            raise FederationError(f"--resume: {path} was trained on other labels ({_labels(extras)}) than the "
-                                  f"config's ({_labels(labels)}): a head of one label space cannot go on in another; "
-                                  "start a new run (another federation.checkpoint_dir)")
-        from fedhubert.targets import targets_differ  # torchaudio, scikit-learn: only where needed
-
-        changed = targets_differ(extras["targets"], labels["targets"]) if "targets" in extras and "targets" in labels else []
-        if changed:
-            raise FederationError(f"--resume: the targets changed since {path} was trained on them (targets.json: "
-                                  f"{'; '.join(changed)}): start a new run (another federation.checkpoint_dir)")
         model = task.client_model(cfg, {})  # the round-0 model is not needed: every weight comes from the file
         model.load_state_dict(saved_model.state_dict())
         start_record = {k: v for k, v in extras.items() if k.startswith("init_")}  # how round 0 was made
@@ -189,8 +174,8 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
 
 # --- `flwr run` entry point ----------------------------------------------------------------------
 # pyproject.toml's [tool.flwr.app.config] carries `config` (a YAML path) and `overrides` (space-
-# separated section.key=value), `resume` and `task` (kmeans, pretraining or distillation); `flwr run .
-# --run-config '...'` changes them.
+# separated section.key=value), `resume`, `overwrite` and `task` (kmeans, pretraining or distillation);
+# `flwr run . --run-config '...'` changes them.
 app = ServerApp()
 
 
@@ -209,5 +194,7 @@ def main(grid: Grid, context: Context) -> None:
 
         run_kmeans_server(grid, config_from_run_config(run_config))
         return
-    run_server(grid, config_from_run_config(run_config), resume=bool(run_config.get("resume", False)),
-               task=get_task(task))
+    cfg = config_from_run_config(run_config)
+    parse_device(cfg.training.device)  # e.g. 'tpu': refused here; whether a node has CUDA, only it knows
+    run_server(grid, cfg, resume=bool(run_config.get("resume", False)), task=get_task(task),
+               overwrite=bool(run_config.get("overwrite", False)))

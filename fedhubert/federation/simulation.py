@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -28,29 +29,40 @@ def check_partitions(cfg: Config) -> None:
                                 f"with the same config (partition.num_clients={cfg.partition.num_clients})")
 
 
-def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any = None,
+                              overwrite: bool = False) -> dict[str, Any]:
     """Trains ``cfg.partition.num_clients`` simulated clients for ``cfg.federation.num_rounds`` rounds."""
-    return run_federated("pretraining", cfg, resume=resume, client_app=client_app)
+    return run_federated("pretraining", cfg, resume=resume, client_app=client_app, overwrite=overwrite)
 
 
-def run_federated_distillation(cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+def run_federated_distillation(cfg: Config, resume: bool = False, client_app: Any = None,
+                               overwrite: bool = False) -> dict[str, Any]:
     """Distils ``cfg.distillation.teacher_model_path`` into a student for ``cfg.distillation.num_rounds`` rounds."""
-    return run_federated("distillation", cfg, resume=resume, client_app=client_app)
+    return run_federated("distillation", cfg, resume=resume, client_app=client_app, overwrite=overwrite)
 
 
-def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app: Any = None) -> dict[str, Any]:
+def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app: Any = None,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Runs one federated task as a simulation with ``cfg.partition.num_clients`` virtual SuperNodes.
 
-    ``client_app`` replaces the project's ClientApp (tests use it to inject faulty clients)."""
+    Everything that can be checked is checked before Ray starts: the partitions, the task's inputs, and
+    the checkpoint folder (an earlier run there is refused, or moved aside with ``overwrite``; ``resume``
+    needs a compatible run: rundir.py). ``client_app`` replaces the project's ClientApp (tests use it to
+    inject faulty clients)."""
+    from fedhubert.federation.rundir import prepare_checkpoint_dir
+    from fedhubert.federation.task import absolutize_paths
     from fedhubert.federation.tasks import get_task
 
     task = get_task(task_name)
     check_partitions(cfg)
     task.preflight(cfg, resume=resume)  # e.g. the teacher and every client's teacher head, before anything is written
+    checked = absolutize_paths(copy.deepcopy(cfg))  # as the server will see it (it compares saved absolute paths)
+    prepare_checkpoint_dir(checked, task, task.check_label_space(checked), resume=resume, overwrite=overwrite)
 
     from fedhubert.federation.client_app import app as default_client_app
     from fedhubert.federation.server_app import run_server
 
+    # the folder is ready: the server checks it again (a no-op now) before it writes
     return simulate(cfg, lambda grid: run_server(grid, cfg, resume=resume, task=task), client_app or default_client_app)
 
 

@@ -36,6 +36,15 @@ from fedhubert.train import LossFn, pretraining_loss
 
 log = logging.getLogger(__name__)
 
+# The model keys that decide what the encoder's weights compute; the others (dropouts, layerdrop,
+# feature_grad_mult, logit_temp) are training knobs, and vocab_size/final_dim belong to the head.
+ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
+                "layer_norm_first", "conv_pos", "conv_pos_groups")
+# What every checkpoint of a run shares, whatever the task: the clients' data and the label space.
+# --resume refuses another value of these (rundir.check_resume); training knobs (rounds, rates, the
+# strategy) may change. Paths are compared absolute, as the server saves them.
+DATA_KEYS = ("data.partitions_dir", "partition.num_clients", "kmeans.codebook")
+
 
 class FederatedTask:
     """The pretraining task; DistillationTask overrides what differs."""
@@ -43,6 +52,11 @@ class FederatedTask:
     best_name = "best_global_model"  # <checkpoint_dir>/server/<best_name>.pt and <best_name>_hf/
     head_prefix = "head"             # a client's local weights: <client dir>/<head_prefix>_round_<r>.pt
     curves = CURVES + HEALTH_CURVES
+    checkpoint_key = "federation.checkpoint_dir"
+    # the keys a resumed run must share with its checkpoints: the saved model's shapes, the data, the labels
+    run_keys = tuple(f"model.{k}" for k in (*ENCODER_KEYS, "vocab_size", "final_dim")) + DATA_KEYS
+    # paths the run reads: --overwrite never moves a folder that holds one of them
+    input_keys = ("data.librispeech_root", "data.partitions_dir", "federation.init_checkpoint")
 
     def checkpoint_dir(self, cfg: Config) -> Path:
         return Path(cfg.federation.checkpoint_dir)
@@ -117,12 +131,6 @@ def shared_labels(cfg: Config, vocab_size: int) -> dict[str, Any]:
         log.warning("%s exists: the clients' labels share one codebook, but kmeans.codebook is local, so each "
                     "prediction head stays on its client (kmeans.codebook=federated would federate it)", codebook)
     return labels
-
-
-# The model keys that decide what the encoder's weights compute; the others (dropouts, layerdrop,
-# feature_grad_mult, logit_temp) are training knobs, and vocab_size/final_dim belong to the head.
-ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
-                "layer_norm_first", "conv_pos", "conv_pos_groups")
 
 
 def init_from_checkpoint(cfg: Config, codebook_sha1: str | None = None) -> tuple[HubertBase, dict[str, Any]]:
@@ -261,6 +269,13 @@ class DistillationTask(FederatedTask):
     head_prefix = "student_head"
     curves = (("loss", "distillation loss"), ("masked_kd_loss", "KD loss"), ("hidden_loss", "hidden loss"),
               ("masked_agreement", "student/teacher agreement")) + HEALTH_CURVES
+    checkpoint_key = "distillation.checkpoint_dir"
+    # the saved model is the student (its model.* keys are the student's): its shape keys, and the teacher
+    run_keys = ("distillation.teacher_model_path", "distillation.student_hidden_size", "distillation.student_num_layers",
+                "distillation.student_num_attention_heads", "distillation.student_intermediate_size",
+                "distillation.student_conv_dim", "distillation.target_layers") + DATA_KEYS
+    input_keys = ("data.librispeech_root", "data.partitions_dir", "distillation.teacher_model_path",
+                  "distillation.teacher_heads_dir")
 
     def checkpoint_dir(self, cfg: Config) -> Path:
         return Path(cfg.distillation.checkpoint_dir)
