@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ class FederationConfig:
     beta_1: float = knob(0.9, "FedAdam/FedYogi first-moment decay", low=0.0, high=1.0)
     beta_2: float = knob(0.99, "FedAdam/FedYogi second-moment decay", low=0.0, high=1.0)
     tau: float = knob(1e-3, "FedAdam/FedYogi adaptivity (epsilon)", low=0.0)
+    aggregation: str = knob("mean", "statistic of the client models that every server optimizer steps from: mean (weighted by num-examples), median or trimmed_mean (coordinate-wise, one vote per client)", choices=("mean", "median", "trimmed_mean"))
+    trim_fraction: float = knob(0.2, "trimmed_mean: share of the clients cut from each end per coordinate, int(trim_fraction x clients) each (0.2 cuts nothing below 5 clients)", low=0.0, high=0.5)
     round_timeout: float = knob(3600.0, "seconds to wait for client replies in a round", low=1.0)
     client_num_cpus: float = knob(1.0, "CPU cores reserved per simulated client", low=0.0)
     client_num_gpus: float = knob(0.0, "GPUs reserved per simulated client (fractions share one)", low=0.0)
@@ -213,6 +216,13 @@ class Config:
             if getattr(f, key) > self.partition.num_clients:
                 raise ConfigError(f"federation.{key} ({getattr(f, key)}) exceeds partition.num_clients "
                                   f"({self.partition.num_clients})")
+        if f.trim_fraction >= 0.5:
+            raise ConfigError(f"config key 'federation.trim_fraction' must be in [0.0, 0.5), got {f.trim_fraction!r}")
+        sampled = max(int(self.partition.num_clients * f.fraction_fit), f.min_fit_clients)  # Flower's sample size
+        if f.aggregation == "trimmed_mean" and int(f.trim_fraction * sampled) == 0:
+            raise ConfigError(f"federation.trim_fraction ({f.trim_fraction}) cuts no client of the {sampled} sampled per "
+                              f"round (int(trim_fraction x {sampled}) = 0): raise it to at least "
+                              f"{math.ceil(1000 / sampled) / 1000} or use federation.aggregation=median")
         k = self.kmeans
         if k.codebook == "federated" and 0 < k.k_local * self.partition.num_clients < k.n_clusters:
             raise ConfigError(f"kmeans.k_local ({k.k_local}) x partition.num_clients ({self.partition.num_clients}) "

@@ -1,5 +1,6 @@
 """Flower 1.42's server strategies (``federation.strategy``: FedAvg, FedAvgM, FedAdam, FedYogi) as
-Flower gives them, made safe for this project by one mixin:
+Flower gives them, with the statistic their step starts from chosen by ``federation.aggregation``
+(aggregation.py), made safe for this project by one mixin:
 
 - a client whose reply is an error, or whose update holds NaN/Inf, is left out of the aggregate;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
@@ -21,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedhubert.config import Config
+from fedhubert.federation.aggregation import ServerAggregation
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,12 @@ def make_strategy(cfg: Config) -> "RobustStrategy":
         kwargs.update(server_learning_rate=f.eta, server_momentum=f.server_momentum)
     elif f.strategy in ("fedadam", "fedyogi"):
         kwargs.update(eta=f.eta, eta_l=cfg.training.learning_rate, beta_1=f.beta_1, beta_2=f.beta_2, tau=f.tau)
-    strategy = type(f"Robust{base.__name__}", (RobustStrategy, base), {})(**kwargs)
+    # ServerAggregation lands between the server optimizer and FedAvg in the MRO (RobustFedAdam, RobustStrategy,
+    # FedAdam, FedOpt, ServerAggregation, FedAvg): FedAdam's super().aggregate_train() reaches it, not FedAvg's mean.
+    bases = (RobustStrategy, ServerAggregation) if base is FedAvg else (RobustStrategy, base, ServerAggregation)
+    strategy = type(f"Robust{base.__name__}", bases, {})(**kwargs)
     strategy.wire_dtype = f.wire_dtype
+    strategy.aggregation, strategy.trim_fraction = f.aggregation, f.trim_fraction
     strategy.train_report, strategy.evaluate_report = RoundReport(), RoundReport()
     return strategy
 
