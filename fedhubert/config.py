@@ -156,6 +156,16 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = knob(False, "client-level differential privacy of the shared weights: clipped updates, their uniform mean noised before the server optimizer's step, epsilon accounted each round")
+    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received)", low=0.0)
+    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update", low=0.0)
+    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
+    delta: float = knob(1e-5, "delta of the (epsilon, delta) guarantee reported every round", low=0.0, high=1.0)
+    max_epsilon: float = knob(0.0, "privacy budget: the run stops, its last checkpoint kept, before a round that would take epsilon above this (0 = no budget)", low=0.0)
+
+
+@dataclass
 class DistillationConfig:
     teacher_model_path: str = knob("checkpoints/pretraining/server/best_global_model.pt", "the teacher: a checkpoint written by run_pretraining.sh (or any s3prl HuBERT checkpoint for losses [hidden])")
     teacher_heads_dir: str = knob("", "folder of the clients' pretraining heads (client_<k>/head_round_<r>.pt; a "
@@ -199,6 +209,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -235,6 +246,7 @@ class Config:
                               "features are clustered, e.g. --set kmeans.checkpoint=<checkpoint_dir>/server/best_global_model.pt")
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
+        self._validate_privacy()
         self._validate_distillation()
         e = self.evaluation
         if e.keyword_test_voices >= e.keyword_voices:
@@ -243,6 +255,22 @@ class Config:
         if len(set(e.keywords)) < 2:
             raise ConfigError("evaluation.keywords must hold at least two different words")
         return self
+
+    def _validate_privacy(self) -> None:
+        p = self.privacy
+        if not p.enabled:
+            return
+        for key in ("clipping_norm", "noise_multiplier"):  # z = 0 or C = 0 promise nothing
+            if getattr(p, key) <= 0:
+                raise ConfigError(f"config key 'privacy.{key}' must be above 0 with privacy.enabled, got {getattr(p, key)!r}")
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"config key 'privacy.delta' must be in (0, 1) with privacy.enabled, got {p.delta!r}")
+        if self.federation.aggregation != "mean":
+            raise ConfigError(f"federation.aggregation is {self.federation.aggregation}, but privacy.enabled noises the "
+                              "mean of clipped updates (a robust statistic has another sensitivity): use mean")
+        if p.clipping == "client" and self.federation.wire_dtype != "float32":
+            raise ConfigError(f"privacy.clipping=client needs federation.wire_dtype=float32 (Flower's fixedclipping_mod "
+                              f"subtracts the arrays as they travel), got {self.federation.wire_dtype}")
 
     def _validate_distillation(self) -> None:
         d = self.distillation
