@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ class FederationConfig:
     beta_1: float = knob(0.9, "FedAdam/FedYogi first-moment decay", low=0.0, high=1.0)
     beta_2: float = knob(0.99, "FedAdam/FedYogi second-moment decay", low=0.0, high=1.0)
     tau: float = knob(1e-3, "FedAdam/FedYogi adaptivity (epsilon)", low=0.0)
+    aggregation: str = knob("mean", "statistic of the client models that every server optimizer steps from: mean (weighted by num-examples), median or trimmed_mean (coordinate-wise, one vote per client)", choices=("mean", "median", "trimmed_mean"))
+    trim_fraction: float = knob(0.2, "trimmed_mean: share of the clients cut from each end per coordinate, int(trim_fraction x clients) each (0.2 cuts nothing below 5 clients)", low=0.0, high=0.5)
     round_timeout: float = knob(3600.0, "seconds to wait for client replies in a round", low=1.0)
     client_num_cpus: float = knob(1.0, "CPU cores reserved per simulated client", low=0.0)
     client_num_gpus: float = knob(0.0, "GPUs reserved per simulated client (fractions share one)", low=0.0)
@@ -150,6 +153,16 @@ class FederationConfig:
     collapse_max_cosine: float = knob(0.9999, "a round whose mean cosine of 0.5 s embeddings exceeds this is collapsed (1 = off)", low=0.0, high=1.0)
     stop_on_collapse: bool = knob(False, "stop the run at a collapsed round instead of going on (the best model is never a collapsed one)")
     init_checkpoint: str = knob("", "pretraining: round 0 starts from this checkpoint's encoder (e.g. the last iteration's best_global_model.pt) with a fresh seeded head, unless both heads are federated on the same codebook.npy; empty = the seeded random init")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = knob(False, "client-level differential privacy of the shared weights: clipped updates, their uniform mean noised before the server optimizer's step, epsilon accounted each round")
+    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received)", low=0.0)
+    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update", low=0.0)
+    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
+    delta: float = knob(1e-5, "delta of the (epsilon, delta) guarantee reported every round", low=0.0, high=1.0)
+    max_epsilon: float = knob(0.0, "privacy budget: the run stops, its last checkpoint kept, before a round that would take epsilon above this (0 = no budget)", low=0.0)
 
 
 @dataclass
@@ -196,6 +209,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -213,6 +227,13 @@ class Config:
             if getattr(f, key) > self.partition.num_clients:
                 raise ConfigError(f"federation.{key} ({getattr(f, key)}) exceeds partition.num_clients "
                                   f"({self.partition.num_clients})")
+        if f.trim_fraction >= 0.5:
+            raise ConfigError(f"config key 'federation.trim_fraction' must be in [0.0, 0.5), got {f.trim_fraction!r}")
+        sampled = max(int(self.partition.num_clients * f.fraction_fit), f.min_fit_clients)  # Flower's sample size
+        if f.aggregation == "trimmed_mean" and int(f.trim_fraction * sampled) == 0:
+            raise ConfigError(f"federation.trim_fraction ({f.trim_fraction}) cuts no client of the {sampled} sampled per "
+                              f"round (int(trim_fraction x {sampled}) = 0): raise it to at least "
+                              f"{math.ceil(1000 / sampled) / 1000} or use federation.aggregation=median")
         k = self.kmeans
         if k.codebook == "federated" and 0 < k.k_local * self.partition.num_clients < k.n_clusters:
             raise ConfigError(f"kmeans.k_local ({k.k_local}) x partition.num_clients ({self.partition.num_clients}) "
@@ -225,6 +246,7 @@ class Config:
                               "features are clustered, e.g. --set kmeans.checkpoint=<checkpoint_dir>/server/best_global_model.pt")
         if self.data.min_audio_length > self.data.max_audio_length:
             raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
+        self._validate_privacy()
         self._validate_distillation()
         e = self.evaluation
         if e.keyword_test_voices >= e.keyword_voices:
@@ -233,6 +255,22 @@ class Config:
         if len(set(e.keywords)) < 2:
             raise ConfigError("evaluation.keywords must hold at least two different words")
         return self
+
+    def _validate_privacy(self) -> None:
+        p = self.privacy
+        if not p.enabled:
+            return
+        for key in ("clipping_norm", "noise_multiplier"):  # z = 0 or C = 0 promise nothing
+            if getattr(p, key) <= 0:
+                raise ConfigError(f"config key 'privacy.{key}' must be above 0 with privacy.enabled, got {getattr(p, key)!r}")
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"config key 'privacy.delta' must be in (0, 1) with privacy.enabled, got {p.delta!r}")
+        if self.federation.aggregation != "mean":
+            raise ConfigError(f"federation.aggregation is {self.federation.aggregation}, but privacy.enabled noises the "
+                              "mean of clipped updates (a robust statistic has another sensitivity): use mean")
+        if p.clipping == "client" and self.federation.wire_dtype != "float32":
+            raise ConfigError(f"privacy.clipping=client needs federation.wire_dtype=float32 (Flower's fixedclipping_mod "
+                              f"subtracts the arrays as they travel), got {self.federation.wire_dtype}")
 
     def _validate_distillation(self) -> None:
         d = self.distillation

@@ -1,6 +1,7 @@
-"""A ClientApp for the fault-tolerance test: the project's client, except that partition 0 raises in
-round 1 and partition 1 always sends an update full of NaN. Imported by Ray's workers by name, so it
-lives in its own module (tests/ is put on PYTHONPATH by the test)."""
+"""ClientApps for the fault-tolerance and robustness tests. ``app``: the project's client, except that
+partition 0 raises in round 1 and partition 1 always sends an update full of NaN. ``attack_app``: partition
+0 sends a sign-flipped update boosted x10. Imported by Ray's workers by name, so they live in their own
+module (tests/ is put on PYTHONPATH by the test)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,24 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    return real.evaluate(msg, context)
+
+
+# --- an attacker for the robust-aggregation test -------------------------------------------------------
+attack_app = ClientApp()
+ATTACK_SCALE = -10.0  # partition 0 sends global + ATTACK_SCALE x (its honest update): sign-flipped, boosted x10
+
+
+@attack_app.train()
+def attack_train(msg: Message, context: Context) -> Message:
+    reply = real.train(msg, context)
+    if int(context.node_config["partition-id"]) == 0:
+        sent, trained = msg.content["arrays"], reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord({k: Array(sent[k].numpy() + ATTACK_SCALE * (a.numpy() - sent[k].numpy()))
+                                               for k, a in trained.items()})
+    return reply
+
+
+@attack_app.evaluate()
+def attack_evaluate(msg: Message, context: Context) -> Message:
     return real.evaluate(msg, context)

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from fedhubert.config import Config
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.federation import kmeans_app
+from fedhubert.federation.privacy import client_clipping_mod
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, client_data_dir, config_from_record, decode_arrays,
                                        encode_arrays, head_files, load_encoder, split_state, targets_fingerprint)
 from fedhubert.federation.tasks import FederatedTask, get_task
@@ -104,7 +105,7 @@ def _metrics(metrics: dict[str, float], partition_id: int) -> MetricRecord:
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[client_clipping_mod])  # privacy.clipping=client: the update leaves this client clipped
 def train(msg: Message, context: Context) -> Message:
     # The head this client trained last (round r - 1 or earlier); the encoder is this round's global one.
     task, cfg, pid, rnd, model, heads, data_dir = _prepare(msg, context, head_up_to_offset=-1)

@@ -54,6 +54,8 @@ class RunMetrics:
         for key in ("round_time_s", "bytes_total", "clients_succeeded", "clients_failed"):
             if key in record:
                 writer.add_scalar(f"round/{key}", record[key], record["round"])
+        for key, value in record.get("privacy", {}).items():  # epsilon spent so far, noise std, clipped clients
+            writer.add_scalar(f"privacy/{key}", value, record["round"])
         writer.flush()
         log.info(progress_line(record))
 
@@ -113,6 +115,8 @@ def progress_line(record: dict[str, Any]) -> str:
             parts.append(" ".join(extras))
     if "clients_sampled" in record:
         parts.append(f"clients {record['clients_succeeded']}/{record['clients_sampled']} ok")
+    if "privacy" in record:
+        parts.append(f"eps {_fmt(record['privacy']['epsilon'])} (delta {record['privacy']['delta']:g})")
     if "bytes_total" in record:
         parts.append(f"{record['bytes_total'] / 2**20:.1f} MiB")
     if "round_time_s" in record:

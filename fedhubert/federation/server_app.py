@@ -2,7 +2,8 @@
 every federated task (pretraining, distillation: see tasks.py).
 
 The loop is written out here (rather than calling ``strategy.start``) so that it can resume at round
-r + 1, stop cleanly when too few clients succeed, and checkpoint after every round.
+r + 1, stop cleanly when too few clients succeed or the privacy budget is spent, and checkpoint after
+every round.
 """
 
 from __future__ import annotations
@@ -75,8 +76,19 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
                       bytes_received_per_client={str(k): v for k, v in train_report.bytes_received.items()},
                       bytes_sent_per_client=next(iter(train_report.bytes_sent.values()), 0),
                       client_train={str(k): v for k, v in train_report.client_metrics.items()})
+    if train_report is not None and train_report.privacy:
+        record["privacy"] = dict(train_report.privacy)
     record["client_val"] = {str(k): v for k, v in eval_report.client_metrics.items()}
     return record
+
+
+def sampling_seed(cfg: Config, rnd: int, strategy: Any) -> int | None:
+    """The seed of round ``rnd``'s client sample: from the config, so that a resumed run samples the same
+    clients; None (OS entropy) under privacy with fewer clients sampled than there are, because the
+    accounting's amplification by sampling holds only for a sample nobody can recompute."""
+    if strategy.privacy is not None and strategy.privacy.amplified:
+        return None
+    return cfg.seed * 100_003 + rnd
 
 
 def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None,
@@ -98,6 +110,9 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         model = task.client_model(cfg, {})  # the round-0 model is not needed: every weight comes from the file
         model.load_state_dict(saved_model.state_dict())
         start_record = {k: v for k, v in extras.items() if k.startswith("init_")}  # how round 0 was made
+        if strategy.privacy is not None and "privacy" not in extras["strategy_state"] and last_round > 0:
+            raise FederationError(f"--resume: {path} was trained without privacy.enabled: its rounds have no privacy "
+                                  "guarantee to continue; start a new run (another federation.checkpoint_dir)")
         strategy.load_state_dict(extras["strategy_state"])
         metrics = RunMetrics(metrics.out_dir, extras["metrics_history"], curves=task.curves)
         best_val, best_round = float(extras["best_val_loss"]), int(extras.get("best_round", -1))
@@ -120,9 +135,17 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         ckpts.save_round(0, model, strategy_state=strategy.state_dict(), metrics_history=metrics.history,
                          best_val_loss=best_val, best_round=best_round, **labels)
 
+    stop_reason = None
     for rnd in range(start, task.num_rounds(cfg) + 1):
+        if strategy.privacy is not None and strategy.privacy.next_round_exceeds_budget():
+            last = ckpts.rounds()[-1][1] if ckpts.rounds() else "none"
+            log.warning("round %d would take epsilon above privacy.max_epsilon %g (spent: %.4g at delta %g): stopping; "
+                        "last checkpoint %s", rnd, cfg.privacy.max_epsilon, strategy.privacy.epsilon,
+                        cfg.privacy.delta, last)
+            stop_reason = "privacy.max_epsilon"
+            break
         t0 = time.perf_counter()
-        random.seed(cfg.seed * 100_003 + rnd)  # Flower samples clients with `random`: same rounds, same clients
+        random.seed(sampling_seed(cfg, rnd, strategy))  # Flower samples clients with `random`
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, round_config(), grid),
                                         timeout=cfg.federation.round_timeout)
         new_arrays, train = strategy.aggregate_train(rnd, replies)
@@ -161,6 +184,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
                         "; ".join(collapsed), " (federation.stop_on_collapse: stopping)" if cfg.federation.stop_on_collapse
                         else "")
             if cfg.federation.stop_on_collapse:
+                stop_reason = "federation.stop_on_collapse"
                 break
 
     metrics.close()
@@ -169,7 +193,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         best_model, _ = task.load(ckpts.best, cfg)
         task.export(best_model, cfg, ckpts.dir / f"{task.best_name}_hf")
     return {"history": metrics.history, "best_val_loss": best_val, "best_round": best_round,
-            "checkpoint_dir": str(ckpts.dir)}
+            "checkpoint_dir": str(ckpts.dir), "stop_reason": stop_reason}
 
 
 # --- `flwr run` entry point ----------------------------------------------------------------------

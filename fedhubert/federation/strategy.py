@@ -1,11 +1,13 @@
 """Flower 1.42's server strategies (``federation.strategy``: FedAvg, FedAvgM, FedAdam, FedYogi) as
-Flower gives them, made safe for this project by one mixin:
+Flower gives them, with the statistic their step starts from chosen by ``federation.aggregation``
+(aggregation.py), noised for client-level differential privacy with ``privacy.enabled`` (privacy.py),
+made safe for this project by one mixin:
 
 - a client whose reply is an error, or whose update holds NaN/Inf, is left out of the aggregate;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
 - the server optimizer's float64 result is cast back to float32 before it goes on the wire or to disk;
-- the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) can be saved and restored,
-  so a resumed run continues exactly.
+- the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) and the privacy ledger can be
+  saved and restored, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedhubert.config import Config
+from fedhubert.federation.aggregation import ServerAggregation
+from fedhubert.federation.privacy import KEY_CLIPPING_NORM, PrivateAggregation, sample_size
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ class RoundReport:
     succeeded: list[int] = field(default_factory=list)          # partition ids
     failed: list[tuple[str, str]] = field(default_factory=list)  # (node or partition, reason)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)      # epsilon so far and the round's DP figures
     bytes_sent: dict[int, int] = field(default_factory=dict)      # per node id, server → client
     bytes_received: dict[int, int] = field(default_factory=dict)  # per partition id, client → server
 
@@ -56,8 +61,14 @@ def make_strategy(cfg: Config) -> "RobustStrategy":
         kwargs.update(server_learning_rate=f.eta, server_momentum=f.server_momentum)
     elif f.strategy in ("fedadam", "fedyogi"):
         kwargs.update(eta=f.eta, eta_l=cfg.training.learning_rate, beta_1=f.beta_1, beta_2=f.beta_2, tau=f.tau)
-    strategy = type(f"Robust{base.__name__}", (RobustStrategy, base), {})(**kwargs)
+    # ServerAggregation lands between the server optimizer and FedAvg in the MRO (RobustFedAdam, RobustStrategy,
+    # FedAdam, FedOpt, ServerAggregation, FedAvg): FedAdam's super().aggregate_train() reaches it, not FedAvg's mean.
+    bases = (RobustStrategy, ServerAggregation) if base is FedAvg else (RobustStrategy, base, ServerAggregation)
+    strategy = type(f"Robust{base.__name__}", bases, {})(**kwargs)
     strategy.wire_dtype = f.wire_dtype
+    strategy.aggregation, strategy.trim_fraction = f.aggregation, f.trim_fraction
+    if cfg.privacy.enabled:
+        strategy.privacy = PrivateAggregation(cfg.privacy, population=cfg.partition.num_clients, sampled=sample_size(cfg))
     strategy.train_report, strategy.evaluate_report = RoundReport(), RoundReport()
     return strategy
 
@@ -65,6 +76,7 @@ def make_strategy(cfg: Config) -> "RobustStrategy":
 class RobustStrategy:
     """Mixed in before a Flower strategy class (see make_strategy)."""
     wire_dtype: str
+    privacy: PrivateAggregation | None  # ServerAggregation's: None unless privacy.enabled
     train_report: RoundReport
     evaluate_report: RoundReport
 
@@ -82,6 +94,8 @@ class RobustStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
         self.train_report = RoundReport()
+        if self.privacy is not None and self.privacy.clipping == "client":
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by Flower's fixedclipping_mod on the client
         # super() remembers the float32 arrays as FedAdam's x_t; only the copies on the wire are cast.
         return self._encode(super().configure_train(server_round, arrays, config, grid), arrays, self.train_report)
 
@@ -129,6 +143,8 @@ class RobustStrategy:
         arrays, metrics = super().aggregate_train(server_round, good)
         if arrays is None:
             return None, None
+        if self.privacy is not None:
+            self.train_report.privacy = dict(self.privacy.last_round)
         return ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -145,10 +161,16 @@ class RobustStrategy:
                 value = getattr(self, name) or {}
                 items = value.items() if isinstance(value, dict) else enumerate(value)
                 state[name] = {str(k): torch.from_numpy(np.asarray(v)) for k, v in items}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()  # plain types: Flower's ledger of the rounds composed
         return state
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         for name, saved in state.items():
+            if name == "privacy":
+                if self.privacy is not None:
+                    self.privacy.load_state_dict(saved)
+                continue
             if name == "momentum_vector":
                 value = [saved[str(i)].numpy() for i in range(len(saved))] or None
             else:
