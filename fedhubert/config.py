@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -214,81 +213,11 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> "Config":
-        """Checks that span keys (a single field's range is checked while loading)."""
-        m, f = self.model, self.federation
-        if m.hidden_size % m.num_attention_heads:
-            raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})")
-        if m.vocab_size < self.kmeans.n_clusters + NUM_SPECIAL_SYMBOLS:
-            raise ConfigError(f"model.vocab_size ({m.vocab_size}) must be at least kmeans.n_clusters + 4 "
-                              f"({self.kmeans.n_clusters + NUM_SPECIAL_SYMBOLS})")
-        if m.hidden_size % m.conv_pos_groups:
-            raise ConfigError(f"model.conv_pos_groups ({m.conv_pos_groups}) must divide model.hidden_size ({m.hidden_size})")
-        for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
-            if getattr(f, key) > self.partition.num_clients:
-                raise ConfigError(f"federation.{key} ({getattr(f, key)}) exceeds partition.num_clients "
-                                  f"({self.partition.num_clients})")
-        if f.trim_fraction >= 0.5:
-            raise ConfigError(f"config key 'federation.trim_fraction' must be in [0.0, 0.5), got {f.trim_fraction!r}")
-        sampled = max(int(self.partition.num_clients * f.fraction_fit), f.min_fit_clients)  # Flower's sample size
-        if f.aggregation == "trimmed_mean" and int(f.trim_fraction * sampled) == 0:
-            raise ConfigError(f"federation.trim_fraction ({f.trim_fraction}) cuts no client of the {sampled} sampled per "
-                              f"round (int(trim_fraction x {sampled}) = 0): raise it to at least "
-                              f"{math.ceil(1000 / sampled) / 1000} or use federation.aggregation=median")
-        k = self.kmeans
-        if k.codebook == "federated" and 0 < k.k_local * self.partition.num_clients < k.n_clusters:
-            raise ConfigError(f"kmeans.k_local ({k.k_local}) x partition.num_clients ({self.partition.num_clients}) "
-                              f"pools fewer local centres than kmeans.n_clusters ({k.n_clusters}) for the k-FED "
-                              f"initialisation: raise kmeans.k_local (0 = n_clusters)")
-        if k.percent <= 0.0:
-            raise ConfigError(f"config key 'kmeans.percent' must be in (0, 1], got {k.percent!r}")
-        if k.features == "hubert" and not k.checkpoint:
-            raise ConfigError("kmeans.features is hubert but kmeans.checkpoint is empty: set it to the checkpoint whose "
-                              "features are clustered, e.g. --set kmeans.checkpoint=<checkpoint_dir>/server/best_global_model.pt")
-        if self.data.min_audio_length > self.data.max_audio_length:
-            raise ConfigError("data.min_audio_length must not exceed data.max_audio_length")
-        self._validate_privacy()
-        self._validate_distillation()
-        e = self.evaluation
-        if e.keyword_test_voices >= e.keyword_voices:
-            raise ConfigError(f"evaluation.keyword_test_voices ({e.keyword_test_voices}) must be below "
-                              f"evaluation.keyword_voices ({e.keyword_voices}): some voices must train the probe")
-        if len(set(e.keywords)) < 2:
-            raise ConfigError("evaluation.keywords must hold at least two different words")
+        """Checks that span keys (a single field's range is checked while loading): config_checks.py."""
+        from fedhubert.config_checks import check_config
+
+        check_config(self)
         return self
-
-    def _validate_privacy(self) -> None:
-        p = self.privacy
-        if not p.enabled:
-            return
-        for key in ("clipping_norm", "noise_multiplier"):  # z = 0 or C = 0 promise nothing
-            if getattr(p, key) <= 0:
-                raise ConfigError(f"config key 'privacy.{key}' must be above 0 with privacy.enabled, got {getattr(p, key)!r}")
-        if not 0 < p.delta < 1:
-            raise ConfigError(f"config key 'privacy.delta' must be in (0, 1) with privacy.enabled, got {p.delta!r}")
-        if self.federation.aggregation != "mean":
-            raise ConfigError(f"federation.aggregation is {self.federation.aggregation}, but privacy.enabled noises the "
-                              "mean of clipped updates (a robust statistic has another sensitivity): use mean")
-        if p.clipping == "client" and self.federation.wire_dtype != "float32":
-            raise ConfigError(f"privacy.clipping=client needs federation.wire_dtype=float32 (Flower's fixedclipping_mod "
-                              f"subtracts the arrays as they travel), got {self.federation.wire_dtype}")
-
-    def _validate_distillation(self) -> None:
-        d = self.distillation
-        if not d.teacher_frozen:
-            raise ConfigError("distillation.teacher_frozen: false is not supported: the teacher is the federated "
-                              "global model, fixed during distillation (updating it would need its own federation)")
-        if not d.losses:
-            raise ConfigError("distillation.losses must name at least one loss (logits, hidden)")
-        if len(set(d.losses)) != len(d.losses):
-            raise ConfigError(f"distillation.losses lists a loss twice: {d.losses}")
-        if d.student_hidden_size % d.student_num_attention_heads:
-            raise ConfigError(f"distillation.student_num_attention_heads ({d.student_num_attention_heads}) must divide "
-                              f"distillation.student_hidden_size ({d.student_hidden_size})")
-        if d.student_hidden_size % self.model.conv_pos_groups:
-            raise ConfigError(f"model.conv_pos_groups ({self.model.conv_pos_groups}) must divide "
-                              f"distillation.student_hidden_size ({d.student_hidden_size})")
-        if any(layer < 1 for layer in d.target_layers):
-            raise ConfigError(f"distillation.target_layers are 1-based transformer layers, got {d.target_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML- and torch.load(weights_only=True)-safe)."""
