@@ -8,10 +8,11 @@ import re
 import numpy as np
 import pytest
 import scipy.stats
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from conftest import fed_config
+from fake_grid import FakeGrid
 from fedhubert.errors import ConfigError
 from fedhubert.federation.aggregation import robust_aggregate, trimmed_per_side
 from fedhubert.federation.strategy import make_strategy
@@ -25,12 +26,12 @@ def models(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(n)]
 
 
-def reply(pid: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:
-    """A train reply as the ServerApp receives it from partition ``pid``."""
+def reply(pid: int, arrays: dict[str, np.ndarray], num_examples: int, rnd: int = 1) -> Message:
+    """A train reply of round ``rnd`` as the ServerApp receives it from partition ``pid`` (node 100 + pid)."""
     content = RecordDict({"arrays": ArrayRecord({k: Array(v.copy()) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": num_examples, "partition-id": pid, "loss": 1.0})})
     meta = Metadata(run_id=0, message_id=f"m{pid}", src_node_id=100 + pid, dst_node_id=0, reply_to_message_id="r",
-                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+                    group_id=str(rnd), created_at=0.0, ttl=60.0, message_type="train")
     return Message(content=content, metadata=meta)
 
 
@@ -38,11 +39,10 @@ def cfg(*overrides: str):
     return fed_config(("/x", "/y"), "/z", *overrides)
 
 
-def start(strategy, arrays: dict[str, np.ndarray]) -> None:
-    """What configure_train remembers of the global arrays, without a Grid."""
+def start(strategy, arrays: dict[str, np.ndarray], rnd: int = 1) -> None:
+    """configure_train of round ``rnd`` from the global ``arrays``, sent to the three nodes reply() answers from."""
     record = ArrayRecord({k: Array(v.copy()) for k, v in arrays.items()})
-    strategy.current_arrays = {k: v.copy() for k, v in arrays.items()} if isinstance(strategy, FedAdam | FedYogi) \
-        else record
+    strategy.configure_train(rnd, record, ConfigRecord(), FakeGrid([100, 101, 102]))
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 8])
@@ -98,8 +98,11 @@ def test_the_server_optimizer_steps_from_the_robust_statistic(name, method):
         start(strategy, global_arrays)
     robust = robust_aggregate(clients, method, 0.34)
     for rnd in (1, 2):  # two rounds: FedAdam's m_t, v_t and FedAvgM's momentum carry the robust aggregate on
-        a, _ = ours.aggregate_train(rnd, [reply(k, c, 10 * (k + 1)) for k, c in enumerate(clients)])
-        b, _ = theirs.aggregate_train(rnd, [reply(0, robust, 1)])
+        if rnd > 1:  # the next round starts from the new global arrays (the same for both)
+            for strategy in (ours, theirs):
+                start(strategy, {k: v.numpy() for k, v in a.items()}, rnd)
+        a, _ = ours.aggregate_train(rnd, [reply(k, c, 10 * (k + 1), rnd) for k, c in enumerate(clients)])
+        b, _ = theirs.aggregate_train(rnd, [reply(0, robust, 1, rnd)])
         for key in SHAPES:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
         assert np.abs(a["a"].numpy()).max() < 10  # the attacker's 1000x weights never reach the global model

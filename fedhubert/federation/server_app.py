@@ -73,6 +73,7 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
         record.update(clients_sampled=train_report.sampled, clients_succeeded=len(train_report.succeeded),
                       clients_failed=len(train_report.failed),
                       failures=[f"{who}: {why}" for who, why in train_report.failed],
+                      ignored=[f"{who}: {why}" for who, why in train_report.ignored],  # late or unasked-for replies
                       bytes_received_per_client={str(k): v for k, v in train_report.bytes_received.items()},
                       bytes_sent_per_client=next(iter(train_report.bytes_sent.values()), 0),
                       client_train={str(k): v for k, v in train_report.client_metrics.items()})

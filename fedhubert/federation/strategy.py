@@ -3,7 +3,10 @@ Flower gives them, with the statistic their step starts from chosen by ``federat
 (aggregation.py), noised for client-level differential privacy with ``privacy.enabled`` (privacy.py),
 made safe for this project by one mixin:
 
-- a client whose reply is an error, or whose update holds NaN/Inf, is left out of the aggregate;
+- a client whose reply is an error, malformed (replies.py: records, metrics, array names, shapes, dtypes
+  and sizes against the global arrays sent), or holds NaN/Inf, is left out of the aggregate, and so is a
+  sampled client that did not reply within ``federation.round_timeout`` (reason ``timeout``); a late
+  reply to an earlier round, or one from a node that was sent nothing, is ignored;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
 - the server optimizer's float64 result is cast back to float32 before it goes on the wire or to disk;
 - the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) and the privacy ledger can be
@@ -18,13 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedhubert.config import Config
 from fedhubert.federation.aggregation import ServerAggregation
 from fedhubert.federation.privacy import KEY_CLIPPING_NORM, PrivateAggregation, sample_size
+from fedhubert.federation.replies import (PARTITION_KEY, Sent, arrays_problem, content_problem, metrics_problem,
+                                          partition_id, stale_reason)
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,8 @@ class RoundReport:
     """What happened to the messages of one train or evaluate step of a round."""
     sampled: int = 0
     succeeded: list[int] = field(default_factory=list)          # partition ids
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (node or partition, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (node or partition, reason): one per sampled node
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (node, reason): late or unasked-for replies
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)      # epsilon so far and the round's DP figures
     bytes_sent: dict[int, int] = field(default_factory=dict)      # per node id, server → client
@@ -65,30 +71,36 @@ def make_strategy(cfg: Config) -> "RobustStrategy":
     # FedAdam, FedOpt, ServerAggregation, FedAvg): FedAdam's super().aggregate_train() reaches it, not FedAvg's mean.
     bases = (RobustStrategy, ServerAggregation) if base is FedAvg else (RobustStrategy, base, ServerAggregation)
     strategy = type(f"Robust{base.__name__}", bases, {})(**kwargs)
-    strategy.wire_dtype = f.wire_dtype
+    strategy.wire_dtype, strategy.round_timeout = f.wire_dtype, f.round_timeout
     strategy.aggregation, strategy.trim_fraction = f.aggregation, f.trim_fraction
     if cfg.privacy.enabled:
         strategy.privacy = PrivateAggregation(cfg.privacy, population=cfg.partition.num_clients, sampled=sample_size(cfg))
-    strategy.train_report, strategy.evaluate_report = RoundReport(), RoundReport()
+    strategy.train_report, strategy.evaluate_report, strategy.sent = RoundReport(), RoundReport(), {}
     return strategy
 
 
 class RobustStrategy:
     """Mixed in before a Flower strategy class (see make_strategy)."""
     wire_dtype: str
+    round_timeout: float
     privacy: PrivateAggregation | None  # ServerAggregation's: None unless privacy.enabled
     train_report: RoundReport
     evaluate_report: RoundReport
+    sent: dict[str, Sent]  # per message type: what the replies of the current step must match
 
     # --- outgoing --------------------------------------------------------------------------------
-    def _encode(self, messages: Iterable[Message], arrays: ArrayRecord, report: RoundReport) -> list[Message]:
+    def _encode(self, server_round: int, kind: str, messages: Iterable[Message], arrays: ArrayRecord,
+                report: RoundReport) -> list[Message]:
         wire = encode_arrays({k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, self.wire_dtype)
         size = payload_bytes(wire)
         messages = list(messages)
         for message in messages:
             message.content[self.arrayrecord_key] = wire
+            message.metadata.group_id = str(server_round)  # a reply carries it back: a late one is recognised
             report.bytes_sent[message.metadata.dst_node_id] = size
         report.sampled = len(messages)
+        returned = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()} if kind == MessageType.TRAIN else {}
+        self.sent[kind] = Sent(server_round, kind, [m.metadata.dst_node_id for m in messages], returned)
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -97,47 +109,95 @@ class RobustStrategy:
         if self.privacy is not None and self.privacy.clipping == "client":
             config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by Flower's fixedclipping_mod on the client
         # super() remembers the float32 arrays as FedAdam's x_t; only the copies on the wire are cast.
-        return self._encode(super().configure_train(server_round, arrays, config, grid), arrays, self.train_report)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._encode(server_round, MessageType.TRAIN, messages, arrays, self.train_report)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
         self.evaluate_report = RoundReport()
-        return self._encode(super().configure_evaluate(server_round, arrays, config, grid), arrays,
-                            self.evaluate_report)
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._encode(server_round, MessageType.EVALUATE, messages, arrays, self.evaluate_report)
 
     # --- incoming --------------------------------------------------------------------------------
-    def _screen(self, replies: Iterable[Message], report: RoundReport, with_arrays: bool) -> list[Message]:
-        """Keeps the replies that carry finite results, decoded to float32, in partition order."""
-        good: list[tuple[int, Message]] = []
+    def _screen(self, server_round: int, message_type: str, replies: Iterable[Message], report: RoundReport
+                ) -> list[Message]:
+        """Keeps the replies of this step that are well-formed and finite, their arrays decoded to float32,
+        in partition order; every sampled node that is not kept gets one entry in ``report.failed``."""
+        sent = self.sent.get(message_type)
+        if sent is None or sent.round != server_round:
+            raise RuntimeError(f"aggregate of round {server_round}'s {message_type} replies without its configure step")
+        with_arrays = message_type == MessageType.TRAIN
+        good: dict[int, Message] = {}
+        answered: set[int] = set()  # nodes
+        claimed: set[int] = set()   # partition ids
         for msg in replies:
             node = msg.metadata.src_node_id
+            stale = stale_reason(msg, sent) or (f"second reply from node {node}: ignored" if node in answered else None)
+            if stale:
+                report.ignored.append((f"node {node}", stale))
+                continue
+            answered.add(node)
             if msg.has_error():
                 report.failed.append((f"node {node}", f"client raised: {msg.error.reason}"))
                 continue
-            metrics = dict(msg.content["metrics"])
-            pid = int(metrics.pop("partition-id"))
-            if with_arrays:
+            problem = content_problem(msg.content, with_arrays, self.arrayrecord_key)
+            pid = None if problem else partition_id(msg.content["metrics"])
+            if pid is None:
+                report.failed.append((f"node {node}", problem or f"metrics carry no valid '{PARTITION_KEY}'"))
+                continue
+            who = f"client {pid}"
+            if pid in claimed:
+                report.failed.append((f"node {node}", f"{PARTITION_KEY} {pid} already replied this round"))
+                continue
+            claimed.add(pid)
+            problem = metrics_problem(msg.content["metrics"])
+            if not problem and with_arrays:  # headers only: nothing of the arrays is allocated yet
+                problem = arrays_problem(msg.content[self.arrayrecord_key], sent)
+            if problem:
+                report.failed.append((who, problem))
+                continue
+            if with_arrays:  # every array checked against the global one: decoding allocates no more than it
                 record = msg.content[self.arrayrecord_key]
                 report.bytes_received[pid] = payload_bytes(record)
                 decoded = {k: decode_array(a) for k, a in record.items()}
                 if not all_finite(decoded.values()):
-                    report.failed.append((f"client {pid}", "update contains NaN/Inf"))
+                    report.failed.append((who, "update contains NaN/Inf"))
                     continue
                 msg.content[self.arrayrecord_key] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
-            if not all_finite(v for v in metrics.values() if not isinstance(v, list)):
-                report.failed.append((f"client {pid}", "metrics contain NaN/Inf"))
-                continue
+            metrics = {k: v for k, v in msg.content["metrics"].items() if k != PARTITION_KEY}
             msg.content["metrics"] = MetricRecord(metrics)  # without partition-id: not a quantity to average
-            report.client_metrics[pid] = {k: float(v) for k, v in metrics.items()}
-            good.append((pid, msg))
+            good[pid] = msg
+        self._agree_on_metric_keys(good, report)
+        timeout = f"timeout: no reply within federation.round_timeout ({self.round_timeout:g} s)"
+        report.failed += [(f"node {n}", timeout) for n in sent.nodes if n not in answered]
         for who, reason in report.failed:
             log.warning("left out of the aggregate: %s: %s", who, reason)
-        report.succeeded = [pid for pid, _ in sorted(good, key=lambda x: x[0])]
-        return [msg for _, msg in sorted(good, key=lambda x: x[0])]
+        for who, reason in report.ignored:
+            log.warning("%s: %s", who, reason)
+        report.succeeded = sorted(good)
+        report.client_metrics = {pid: {k: float(v) for k, v in good[pid].content["metrics"].items()}
+                                 for pid in sorted(good)}
+        return [good[pid] for pid in sorted(good)]
+
+    @staticmethod
+    def _agree_on_metric_keys(good: dict[int, Message], report: RoundReport) -> None:
+        """Flower's aggregation raises when the replies' metric names differ: the names most replies
+        carry (ties: the lowest partition's) are kept, a reply with others is left out."""
+        keys = {pid: frozenset(msg.content["metrics"].keys()) for pid, msg in good.items()}
+        if len(set(keys.values())) <= 1:
+            return
+        counts = {k: sum(v == k for v in keys.values()) for k in keys.values()}
+        common = max(sorted(keys.items()), key=lambda item: counts[item[1]])[1]
+        for pid, names in sorted(keys.items()):
+            if names != common:
+                missing, extra = sorted(common - names), sorted(names - common)
+                report.failed.append((f"client {pid}", f"metric names differ from the other clients' "
+                                                       f"(missing {missing}, unexpected {extra})"))
+                del good[pid]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good = self._screen(replies, self.train_report, with_arrays=True)
+        good = self._screen(server_round, MessageType.TRAIN, replies, self.train_report)
         if len(good) < self.min_train_nodes:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, good)
@@ -148,7 +208,7 @@ class RobustStrategy:
         return ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = self._screen(replies, self.evaluate_report, with_arrays=False)
+        good = self._screen(server_round, MessageType.EVALUATE, replies, self.evaluate_report)
         return super().aggregate_evaluate(server_round, good) if good else None
 
     # --- checkpointing ---------------------------------------------------------------------------
