@@ -12,9 +12,12 @@ import ast
 import copy
 import json
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +114,58 @@ def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **e
         torch.save(state, tmp)
 
 
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """The raw dict of a checkpoint (weights_only); DataError naming ``path`` when unusable. ``mmap``
-    leaves the tensors on disk until touched (for reading the config and extras of a large file)."""
+def load_plain(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: plain types and tensors, never code. Every file of ours
+    (checkpoints, client heads) is read through it. A file that holds other pickled objects (a class
+    instance, a crafted ``__reduce__``) is refused before any of it is built, with a DataError naming the
+    file; so is a missing or unreadable one. ``mmap`` leaves the tensors on disk until touched."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
+    mmap = mmap and zipfile.is_zipfile(path)  # a legacy (bare pickle) file cannot be mapped: read it, safely
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # zip, pickle and weights_only errors all mean "not our checkpoint"
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch's safe unpickler refused it, or it is no torch file at all
+        found = _pickled_object(path, str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if found:
+            raise DataError(f"{path}: refused: it holds pickled Python objects ({found}) besides plain types and "
+                            "tensors; unpickling them could run code, so nothing of it was loaded (no file this "
+                            "project writes holds any)") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def _pickled_object(path: Path, message: str) -> str | None:
+    """What a file torch's safe unpickler refused asks to build ("GLOBAL module.name"), read from torch's
+    message or from the pickle's opcodes (pickletools only lists them: nothing is built); None when the
+    file is no pickle at all (garbage, truncated)."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    if found:
+        return f"GLOBAL {found.group(1)}"
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name in ("GLOBAL", "INST"):
+                return f"GLOBAL {str(arg).replace(' ', '.')}"
+            if opcode.name == "STACK_GLOBAL":
+                return f"GLOBAL {'.'.join(strings[-2:])}"
+    except Exception:  # noqa: BLE001 - not a pickle stream: garbage, truncated, or a zip without data.pkl
+        return None
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The raw dict of a checkpoint (:func:`load_plain`); DataError naming ``path`` when unusable. ``mmap``
+    leaves the tensors on disk until touched (for reading the config and extras of a large file)."""
+    path = Path(path)
+    state = load_plain(path, mmap=mmap)
     missing = [k for k in S3PRL_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise DataError(f"{path}: not a HuBERT checkpoint (missing {', '.join(missing)})")

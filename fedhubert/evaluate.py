@@ -51,7 +51,12 @@ def best_checkpoint(cfg: Config, student: bool = False) -> Path:
 
 
 def s3prl_upstream(checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """s3prl's ``hubert_local`` upstream of ``checkpoint``, in eval mode."""
+    """s3prl's ``hubert_local`` upstream of ``checkpoint``, in eval mode. s3prl's own torch.load relies on
+    torch's default (weights_only, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set): the file is first read
+    with our safe loader, which refuses one holding pickled objects (DataError naming it)."""
+    from fedhubert.checkpoint import read_checkpoint
+
+    read_checkpoint(checkpoint, mmap=True)
     import fedhubert.compat  # noqa: F401  (must precede s3prl on torchaudio >= 2.9)
     import s3prl.hub
 

@@ -17,6 +17,8 @@ tests/test_s3prl_downstream.py):
   ``--device cpu``: with a non-CUDA device, CUDA is hidden from it.
 - Missing data paths fail late with tracebacks, and a malformed ``-o`` with "not enough values to
   unpack": checked up front with errors naming the key.
+- ``-u hubert_local -k FILE``: FILE is read with our safe loader first (checkpoint.load_plain), so a file
+  holding pickled objects is refused in one line naming it, whatever torch's weights_only default.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def check_overrides(text: str) -> list[tuple[str, str]]:
 
 
 def check_arguments(argv: Sequence[str]) -> None:
-    """What s3prl would only find out with a traceback: no config, a missing -c file, a bad -o, a CUDA
-    device on a machine without one."""
+    """What s3prl would only find out with a traceback (or not at all): no config, a missing -c file, a bad
+    -o, a hubert_local -k file that is missing or holds pickled objects, a CUDA device on a machine without one."""
     override = _value(argv, "-o", "--override")
     if override is not None:
         check_overrides(override)
@@ -102,6 +104,13 @@ def check_arguments(argv: Sequence[str]) -> None:
                               f"-c configs/s3prl/{task}.yaml or the task's config.yaml from the s3prl repository")
     elif not Path(config).is_file():
         raise ConfigError(f"-c config file not found: {config}")
+    checkpoint = _value(argv, "-k", "--upstream_ckpt")
+    if _value(argv, "-u", "--upstream") == "hubert_local" and checkpoint is not None:
+        from fedhubert.checkpoint import read_checkpoint
+
+        # s3prl's torch.load relies on torch's default (weights_only unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is
+        # set): our safe load first refuses a file with pickled objects, and names a missing or foreign one
+        read_checkpoint(checkpoint, mmap=True)
     device = _value(argv, "--device") or "cuda"  # s3prl's default; -e keeps the command line's device
     try:
         kind = torch.device(device).type

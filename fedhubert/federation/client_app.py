@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedhubert.checkpoint import load_plain
 from fedhubert.config import Config
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.federation import kmeans_app
@@ -47,7 +48,7 @@ class HeadStore:
         rnd, path = saved[-1]
         if "head" in self.state and int(self.state["head-meta"]["round"]) == rnd:
             return self.state["head"].to_torch_state_dict()  # this run saved it: no need to read the file
-        return torch.load(path, map_location="cpu", weights_only=True)["head"]
+        return load_plain(path)["head"]
 
     def save(self, rnd: int, head: dict[str, torch.Tensor], *, keep_round: int, targets_sha1: str) -> None:
         """Writes round ``rnd``'s head; keeps the newest ``keep`` files and the one of ``keep_round``

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedhubert.checkpoint import export_huggingface, load_checkpoint, save_checkpoint
+from fedhubert.checkpoint import export_huggingface, load_checkpoint, load_plain, save_checkpoint
 from fedhubert.config import Config
 from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init_from_teacher, student_config,
                                target_layers)
@@ -227,7 +227,7 @@ def saved_head(folder: Path, prefix: str, up_to_round: int) -> tuple[Path, dict[
     saved = [(r, p) for r, p in head_files(folder, prefix) if r <= up_to_round]
     if not saved:
         return None
-    return saved[-1][1], torch.load(saved[-1][1], map_location="cpu", weights_only=True)
+    return saved[-1][1], load_plain(saved[-1][1])
 
 
 def teacher_head_is_global(teacher_cfg: Config) -> bool:
