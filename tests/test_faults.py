@@ -5,6 +5,7 @@ checkpoint writes cut short (a rename that never happens, a full disk, a SIGKILL
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -395,4 +396,79 @@ def test_every_loader_refuses_pickled_objects_without_running_them(tmp_path, mon
     assert not marker.exists()
     if kind == "a class instance":
         assert f"GLOBAL {__name__}.Settings" in message
+
+
+# --- the ServerApp's round loop on a fake Grid: stragglers, late replies, interrupted checkpoint writes ------
+
+SERVER_NODES = [21, 22, 23]
+
+
+class Clients:
+    """The ClientApp's replies without training, on a FakeGrid (``self.grid``): partition k (node
+    SERVER_NODES[k]) moves every weight it receives by 0.001 (k + 1) and reports a validation loss that
+    falls with the round. ``faults[(round, k)]`` changes k's train reply of that round: "straggle" (no
+    reply in time; it turns up among the next round's replies), or a function changing its content."""
+
+    def __init__(self, wire_dtype: str = "float32", faults: dict | None = None) -> None:
+        self.grid = FakeGrid(SERVER_NODES, self)
+        self.wire_dtype, self.faults = wire_dtype, faults or {}
+        self.late: list[tuple[int, Message]] = []  # (the round it turns up in, the reply)
+
+    def __call__(self, msg: Message) -> Message | None:
+        pid = SERVER_NODES.index(msg.metadata.dst_node_id)
+        rnd = int(msg.content["config"]["server-round"])
+        metrics = {"num-examples": 10, "partition-id": pid}
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({"metrics": MetricRecord({"loss": 10.0 - rnd + 0.1 * pid, **metrics})}),
+                           reply_to=msg)
+        self.grid.extra += [reply for due, reply in self.late if due == rnd]  # last round's stragglers
+        self.late = [(due, reply) for due, reply in self.late if due != rnd]
+        trained = {k: v + 0.001 * (pid + 1) for k, v in decode_arrays(msg.content["arrays"]).items()}
+        content = RecordDict({"arrays": encode_arrays(trained, self.wire_dtype),
+                              "metrics": MetricRecord({"loss": 9.0 - rnd, **metrics})})
+        fault = self.faults.get((rnd, pid))
+        if fault == "straggle":  # its reply, +1000 on every weight, arrives a round late
+            late = {k: v + 1000.0 for k, v in decode_arrays(msg.content["arrays"]).items()}
+            content["arrays"] = encode_arrays(late, self.wire_dtype)
+            self.late.append((rnd + 1, Message(content, reply_to=msg)))
+            return None
+        if fault is not None:
+            fault(content)
+        return Message(content, reply_to=msg)
+
+
+def server_cfg(tmp_path: Path, *overrides: str):
+    (tmp_path / "parts").mkdir(exist_ok=True)  # no targets.json, no codebook: the run only needs a folder
+    return tiny_cfg(tmp_path, "federation.strategy=fedavg", "federation.round_timeout=7", *overrides)
+
+
+def run(cfg, clients: Clients | None = None, resume: bool = False) -> dict:
+    from fedhubert.federation.server_app import run_server
+
+    return run_server((clients or Clients()).grid, cfg, resume=resume)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_server_leaves_out_a_straggler_and_a_malformed_reply_and_ignores_the_late_reply(tmp_path):
+    cfg = server_cfg(tmp_path, "federation.num_rounds=2")
+    clients = Clients(faults={(1, 1): "straggle",
+                              (2, 2): with_array("extra", np.zeros(4_000_000, np.float32))})
+    result = run(cfg, clients)
+    assert clients.grid.timeouts == [7.0] * 5  # every step waits federation.round_timeout, no longer
+    history = read_jsonl(tmp_path / "ckpt" / "metrics.jsonl")
+    assert [r["round"] for r in history] == [0, 1, 2] == [r["round"] for r in result["history"]]
+    assert (history[1]["clients_succeeded"], history[1]["failures"]) == (
+        2, ["node 22: timeout: no reply within federation.round_timeout (7 s)"])
+    assert history[2]["clients_succeeded"] == 2 and history[2]["ignored"] == [
+        "node 22: late reply to the train message of round 1 (this is round 2's train): ignored"]
+    assert len(history[2]["failures"]) == 1 and history[2]["failures"][0].startswith(
+        "client 2: arrays do not match the ") and "unexpected 'extra'" in history[2]["failures"][0]
+    server = tmp_path / "ckpt" / "server"
+    start = torch.load(server / "round_0.pt", weights_only=True)["model_weight"]
+    final = torch.load(server / "round_2.pt", weights_only=True)["model_weight"]
+    moved = max(float((final[k] - start[k]).abs().max()) for k in start)
+    assert 0 < moved < 0.01  # FedAvg of the 0.001 (k + 1) moves; the late +1000 never got in
 
