@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedhubert.config import FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, config_from_dict
-from fedhubert.errors import ConfigError, DataError
+from fedhubert.errors import ConfigError, DataError, OutputError
 from fedhubert.fileio import atomic_path
 from fedhubert.model import CONV_LAYERS, HEAD_PARAM_PREFIXES, HubertBase, fairseq_mask_prob
 
@@ -101,7 +101,9 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **extras: Any) -> None:
-    """Writes ``path`` atomically: an s3prl-loadable HuBERT checkpoint plus our config and ``extras``."""
+    """Writes ``path`` atomically: an s3prl-loadable HuBERT checkpoint plus our config and ``extras``. A write
+    that fails (a full disk, a failed rename) raises OutputError naming ``path``, which keeps what it held
+    before; a killed process leaves at most a temporary file beside it (fileio.py)."""
     for key in extras:
         if key in S3PRL_KEYS or key == CONFIG_KEY:
             raise ValueError(f"checkpoint extra '{key}' would overwrite a reserved key")
@@ -110,8 +112,14 @@ def save_checkpoint(path: str | os.PathLike, model: HubertBase, cfg: Config, **e
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     state = {"task_cfg": s3prl_task_cfg(cfg), "model_cfg": s3prl_model_cfg(cfg), "model_weight": weights,
              "dictionaries_symbols": [dictionary_symbols(cfg.model.vocab_size)], CONFIG_KEY: cfg.to_dict(), **extras}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as exc:  # a full disk reaches us from torch's zip writer as a RuntimeError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        free = shutil.disk_usage(Path(path).parent).free / 2 ** 20  # torch's message does not say "disk full"
+        raise OutputError(f"could not write {path} ({first}; {free:.0f} MiB free there); an earlier file of that "
+                          "name is unchanged") from None
 
 
 def load_plain(path: str | os.PathLike, mmap: bool = False) -> Any:

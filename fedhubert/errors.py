@@ -19,3 +19,8 @@ class FederationError(FedHubertError):
 
 class TrainingError(FedHubertError):
     """Local training cannot go on (e.g. the loss became NaN/Inf); the message names the step."""
+
+
+class OutputError(FedHubertError):
+    """An output could not be written (a full disk, no permission); the message names the file, and the
+    earlier file of that name, if any, is left as it was (fileio.atomic_path)."""

@@ -1,5 +1,10 @@
 """Atomic writes: every output is written to a temporary file beside its target, then renamed, so a
-crash or an error never leaves a half-written file under the final name."""
+crash or an error never leaves a half-written file under the final name.
+
+The temporary file is ``.<target name>.<random>.tmp`` (hidden, another suffix): an error removes it, but
+a process killed outright (SIGKILL, power loss) can leave one behind. Nothing that lists outputs matches
+such a name (``round_<r>.pt``, ``head_round_<r>.pt``: rundir.round_files, task.head_files), so --resume
+never picks one up; it is safe to delete."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ HOW_TO = ("continue it with --resume, give this run another {key}, or pass --ove
 
 
 def round_files(server_dir: Path) -> list[tuple[int, Path]]:
-    """(round, path) of every ``round_<r>.pt`` in ``server_dir``, oldest first."""
+    """(round, path) of every ``round_<r>.pt`` in ``server_dir``, oldest first; never the
+    ``.round_<r>.pt.<random>.tmp`` a killed write can leave behind (fileio.atomic_path)."""
     found = [(int(m.group(1)), p) for p in server_dir.glob("round_*.pt") if (m := ROUND_FILE.search(p.name))]
     return sorted(found)
 

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhubert.config import Config, load_config
-from fedhubert.errors import FederationError
+from fedhubert.errors import FederationError, OutputError
 from fedhubert.federation.metrics import RunMetrics
 from fedhubert.federation.rundir import prepare_checkpoint_dir, round_files
 from fedhubert.federation.strategy import RoundReport, make_strategy
@@ -48,8 +48,15 @@ class ServerCheckpoints:
         return round_files(self.dir)
 
     def save_round(self, rnd: int, model: torch.nn.Module, **extras: Any) -> Path:
+        """Writes round_<rnd>.pt, then deletes the rounds beyond the last ``keep``. A write that fails
+        (e.g. a full disk) leaves every earlier file as it was and stops the run, naming the last good one."""
         path = self.dir / f"round_{rnd}.pt"
-        self.task.save(path, model, self.cfg, round=rnd, **extras)
+        try:
+            self.task.save(path, model, self.cfg, round=rnd, **extras)
+        except OutputError as exc:
+            last = self.rounds()[-1][1] if self.rounds() else "none yet"
+            raise FederationError(f"round {rnd}: {exc}; stopping. Last good checkpoint: {last} (fix the cause, "
+                                  "e.g. free disk space, and continue from it with --resume)") from None
         for _, old in self.rounds()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
