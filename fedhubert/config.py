@@ -73,7 +73,7 @@ class KMeansConfig:
     use_deltas: bool = knob(True, "append delta and delta-delta MFCC (39 dims, as HuBERT's first iteration)")
     batch_size: int = knob(10000, "frames per MiniBatchKMeans partial_fit step", low=1)
     fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
-    codebook: str = knob("local", "local: a k-means per client (ids mean something on that client only, heads stay local); "
+    codebook: str = knob("federated", "local: a k-means per client (ids mean something on that client only, heads stay local); "
                          "federated: one codebook for all clients, fitted by federated k-means, and a federated head",
                          choices=("local", "federated"))
     max_rounds: int = knob(20, "codebook=federated: most federated k-means rounds after the k-FED initialisation", low=1)

@@ -30,7 +30,8 @@ TINY = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attentio
         "model.intermediate_size=64", "model.conv_dim=32", "model.final_dim=16", "model.layerdrop=0.0",
         "kmeans.n_clusters=20", "data.max_audio_length=16000", "training.batch_size=4",
         "training.max_local_steps=3", "training.learning_rate=1e-3", "federation.eta=0.01",
-        "partition.num_clients=3", "federation.client_num_cpus=1"]
+        "partition.num_clients=3", "federation.client_num_cpus=1",
+        "kmeans.codebook=local"]  # per-client k-means: the shared fixtures need no k-means simulation
 
 
 def make_config(root: Path, out: Path, *overrides: str) -> Config:

@@ -19,7 +19,8 @@ from fedhubert.partition import partition_corpus
 from fedhubert.features import MfccFeatures, single_torch_thread
 from fedhubert.targets import cluster_count, generate_targets, parse_clients
 
-FAST = ("kmeans.n_clusters=16", "kmeans.batch_size=1500", "kmeans.fit_passes=2")
+# per-client MiniBatchKMeans (kmeans.codebook=federated is tests/test_kmeans_federated.py's)
+FAST = ("kmeans.n_clusters=16", "kmeans.batch_size=1500", "kmeans.fit_passes=2", "kmeans.codebook=local")
 
 
 def tsv_lines(path):
