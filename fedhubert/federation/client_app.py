@@ -51,15 +51,19 @@ class HeadStore:
         return load_plain(path)["head"]
 
     def save(self, rnd: int, head: dict[str, torch.Tensor], *, keep_round: int, targets_sha1: str) -> None:
-        """Writes round ``rnd``'s head; keeps the newest ``keep`` files and the one of ``keep_round``
-        (the best global model's round so far), deletes the others."""
+        """Writes round ``rnd``'s head; keeps the newest ``keep`` files, the one of ``keep_round`` (the
+        best global model's round so far) and the newest before ``rnd``, deletes the others."""
         head = {k: v.detach().cpu().clone() for k, v in head.items()}
         self.state["head"] = ArrayRecord(head)
         self.state["head-meta"] = ConfigRecord({"round": rnd})
         with atomic_path(self.folder / f"{self.prefix}_round_{rnd}.pt") as tmp:
             torch.save({"round": rnd, "head": head, "targets_sha1": targets_sha1}, tmp)
-        for old_round, old in head_files(self.folder, self.prefix)[:-self.keep]:
-            if old_round != keep_round:
+        saved = head_files(self.folder, self.prefix)
+        # The server writes round_<rnd>.pt only after every client's reply: a server killed before that
+        # resumes from round rnd - 1, whose training starts from this client's newest head before rnd.
+        needed = {keep_round, max((r for r, _ in saved if r < rnd), default=-1)}
+        for old_round, old in saved[:-self.keep]:
+            if old_round not in needed:
                 old.unlink(missing_ok=True)
 
 
@@ -139,6 +143,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics.update(health.result())
     metrics["masked_chance"] = majority_share(loader.dataset.labels)
     return Message(content=RecordDict({"metrics": _metrics(metrics, pid)}), reply_to=msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """This node's partition: the server samples clients in partition order (server_app.PartitionOrder)."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 # kmeans.codebook=federated: the federated k-means (kmeans_app.py) answers on this same ClientApp, so one

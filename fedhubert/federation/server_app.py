@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedhubert.config import Config, load_config
 from fedhubert.errors import FederationError, OutputError
 from fedhubert.federation.metrics import RunMetrics
+from fedhubert.federation.replies import PARTITION_KEY
 from fedhubert.federation.rundir import prepare_checkpoint_dir, round_files
 from fedhubert.federation.strategy import RoundReport, make_strategy
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, absolutize_paths, config_record, load_encoder,
@@ -60,6 +61,12 @@ class ServerCheckpoints:
         for _, old in self.rounds()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def best_round(self) -> int | None:
+        """The round the best model's file holds; None when there is none yet."""
+        from fedhubert.checkpoint import read_checkpoint
+
+        return int(read_checkpoint(self.best, mmap=True)["round"]) if self.best.exists() else None
 
 
 def shared_record(model: torch.nn.Module, task: FederatedTask, cfg: Config) -> ArrayRecord:
@@ -99,6 +106,40 @@ def sampling_seed(cfg: Config, rnd: int, strategy: Any) -> int | None:
     return cfg.seed * 100_003 + rnd
 
 
+PARTITION_QUERY = "query.partition"  # the ClientApp answers with its partition-id (client_app.partition)
+
+
+class PartitionOrder:
+    """The Grid as the strategy samples from it: the node ids in partition order.
+
+    Flower draws a round's clients with ``random.sample(grid.get_node_ids(), n)``, but a node's id is
+    drawn at random when it registers (os.urandom in the simulation): the seeded draw of sampling_seed
+    would pick other partitions in a resumed run. Each node is asked its partition once; one that does
+    not answer comes after the others, by node id. Everything else is the wrapped Grid's."""
+
+    def __init__(self, grid: Grid, timeout: float | None) -> None:
+        self.grid, self.timeout = grid, timeout
+        self.partitions: dict[int, float] = {}  # node id -> partition id (inf: did not say)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self.partitions]
+        if unknown:
+            self.partitions.update({n: math.inf for n in unknown})  # asked once, answered or not
+            asks = [Message(RecordDict(), dst_node_id=n, message_type=PARTITION_QUERY) for n in unknown]
+            for reply in self.grid.send_and_receive(asks, timeout=self.timeout):
+                node = reply.metadata.src_node_id
+                try:
+                    if node in unknown and not reply.has_error():
+                        self.partitions[node] = int(reply.content["metrics"][PARTITION_KEY])
+                except (KeyError, TypeError, ValueError):  # a malformed answer: the node stays unordered
+                    pass
+        return sorted(nodes, key=lambda n: (self.partitions[n], n))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
 def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Runs the task's rounds (or the rest of them, with ``resume``); pretraining by default. A folder
@@ -129,14 +170,22 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     else:
         model, start_record = task.initial_model(cfg, labels)  # e.g. federation.init_checkpoint's encoder
     labels = {**labels, **start_record}
+    if resume_from is not None and best_round == resume_from[0] and ckpts.best_round() != best_round:
+        # killed between round_<r>.pt and the best model's file: round r was the best, and is the model resumed
+        task.save(ckpts.best, model, cfg, round=best_round, val_loss=best_val, **labels)
+        log.info("round %d: the best model's file was not written before the run stopped; written now -> %s",
+                 best_round, ckpts.best)
 
     def round_config():  # the whole config, the task, and the best round so far (clients keep its head)
         return config_record(cfg, **{TASK_KEY: task.name, BEST_ROUND_KEY: best_round})
 
     arrays = shared_record(model, task, cfg)
+    f = cfg.federation
+    seeded_subset = sampling_seed(cfg, 0, strategy) is not None and min(f.fraction_fit, f.fraction_evaluate) < 1
+    sampler = PartitionOrder(grid, f.round_timeout) if seeded_subset else grid  # the same clients in every run
     if not metrics.history:  # round 0: the initial model on every client's validation split, the baseline
         random.seed(cfg.seed)
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, round_config(), grid),
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, round_config(), sampler),
                                         timeout=cfg.federation.round_timeout)
         val = strategy.aggregate_evaluate(0, replies)
         metrics.add(_round_record(0, None, val, None, strategy.evaluate_report, 0.0, cfg.federation.wire_dtype))
@@ -154,7 +203,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
             break
         t0 = time.perf_counter()
         random.seed(sampling_seed(cfg, rnd, strategy))  # Flower samples clients with `random`
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, round_config(), grid),
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, round_config(), sampler),
                                         timeout=cfg.federation.round_timeout)
         new_arrays, train = strategy.aggregate_train(rnd, replies)
         report = strategy.train_report
@@ -169,7 +218,7 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
         load_encoder(model, {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()},
                      functools.partial(task.is_local, cfg))
 
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, round_config(), grid),
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, round_config(), sampler),
                                         timeout=cfg.federation.round_timeout)
         val = strategy.aggregate_evaluate(rnd, replies)
         record = _round_record(rnd, train, val, report, strategy.evaluate_report, time.perf_counter() - t0,
