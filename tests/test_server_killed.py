@@ -1,9 +1,11 @@
 """The server process killed with SIGKILL in the middle of a round (issue 11): ``--resume`` continues
 from the last complete round and ends with the same weights, bit for bit, as an uninterrupted run.
 
-The uninterrupted run is the session's ``tiny_pretraining`` (2 rounds, FedAdam, 3 clients): this test
-runs the same config as ``federated_hubert_pretraining.py`` in its own process group, kills the whole
-group (server, Ray and its workers) once a client has finished its round-2 training, and resumes."""
+The uninterrupted run is the session's ``tiny_pretraining`` (2 rounds, FedAdam, 3 clients): the first
+test runs the same config as ``federated_hubert_pretraining.py`` in its own process group, kills the
+whole group (server, Ray and its workers) once a client has finished its round-2 training, and resumes.
+The others, on a fake Grid, cover what a kill can fall between: a client's head and the server's
+round checkpoint, the round checkpoint and the best model, and the node ids a new run draws."""
 
 from __future__ import annotations
 
@@ -68,6 +70,16 @@ def script(cfg, log: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
         return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# On CPU the tiny model's kernels are deterministic: the runs agree bit for bit. On CUDA some backward
+# kernels add atomically, in no fixed order: there they agree to float32 rounding.
+EXACT = not torch.cuda.is_available()
+TOLERANCE = {"rel": 0, "abs": 0} if EXACT else {"rel": 1e-4, "abs": 1e-6}
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a, b) if EXACT else torch.allclose(a, b, rtol=TOLERANCE["rel"], atol=TOLERANCE["abs"])
 
 
 MEASURED = ("train_time_s", "samples_per_second", "audio_seconds_per_second", "peak_memory_mb")
@@ -138,26 +150,27 @@ def test_a_server_killed_mid_round_resumes_to_the_uninterrupted_weights(federate
     assert_ended(ours)
     assert "resuming from" in (tmp_path / "resumed.log").read_text()
 
-    # 4. The same weights, server optimizer state and metrics as the run that was never killed, bit for bit.
+    # 4. The same weights, server optimizer state and metrics as the run that was never killed (bit for bit on CPU).
     for name in ("round_2.pt", "best_global_model.pt"):
         a = torch.load(server / name, weights_only=True)
         b = torch.load(straight / "server" / name, weights_only=True)
         assert a["round"] == b["round"] and a["model_weight"].keys() == b["model_weight"].keys(), name
         for key, tensor in b["model_weight"].items():
-            assert torch.equal(a["model_weight"][key], tensor), f"{name}: {key}"
+            assert same(a["model_weight"][key], tensor), f"{name}: {key}"
     a = torch.load(server / "round_2.pt", weights_only=True)["strategy_state"]
     b = torch.load(straight / "server" / "round_2.pt", weights_only=True)["strategy_state"]
     assert set(b) >= {"m_t", "v_t"} and a.keys() == b.keys()  # FedAdam: its moments came back from round_1.pt
     for moment in b:
-        assert a[moment].keys() == b[moment].keys() and all(torch.equal(a[moment][k], b[moment][k]) for k in b[moment])
+        assert a[moment].keys() == b[moment].keys() and all(same(a[moment][k], b[moment][k]) for k in b[moment])
     for k in range(3):  # every client's head: the local weights that never reach the server
         heads = [torch.load(f / "clients" / f"client_{k}" / "head_round_2.pt", weights_only=True)["head"]
                  for f in (folder, straight)]
-        assert all(torch.equal(heads[0][n], heads[1][n]) for n in heads[1])
+        assert all(same(heads[0][n], heads[1][n]) for n in heads[1])
     mine, theirs = history(folder), history(straight)
     assert [r["round"] for r in mine] == [0, 1, 2]  # each round once
     for rec, ref in zip(mine, theirs):  # every figure but the clocks and the memory, which no run repeats
-        assert (learned(rec["train"]), rec["val"]) == (learned(ref["train"]), ref["val"]), rec["round"]
+        assert learned(rec["train"]) == pytest.approx(learned(ref["train"]), **TOLERANCE), rec["round"]
+        assert rec["val"] == pytest.approx(ref["val"], **TOLERANCE), rec["round"]
 
 
 # --- the writes a kill can fall between --------------------------------------------------------------------
