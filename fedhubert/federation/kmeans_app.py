@@ -47,6 +47,7 @@ from fedhubert.config import Config
 from fedhubert.data import derive_seed
 from fedhubert.errors import DataError, FederationError
 from fedhubert.federation.metrics import write_jsonl
+from fedhubert.federation.replies import Sent, stand_in_error
 from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
@@ -184,8 +185,16 @@ def _exchange(grid: Grid, cfg: Config, rnd: int, nodes: list[int], message_type:
             report.bytes_sent[node] = payload_bytes(arrays)
         messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+    sent = Sent(rnd, message_type, list(nodes), metadata=[m.metadata for m in messages])  # ids set by the push
     good: dict[int, Any] = {}
+    answered: set[int] = set()
     for msg in replies:
+        stand_in = stand_in_error(msg, sent)  # e.g. a killed SuperNode's: the SuperLink sends it, not the node
+        if stand_in is not None:
+            answered.add(stand_in[0])
+            report.failed.append((f"node {stand_in[0]}", stand_in[1]))
+            continue
+        answered.add(msg.metadata.src_node_id)
         if msg.has_error():
             last = [line for line in str(msg.error.reason).splitlines() if line.strip()][-1:]  # not Ray's traceback
             report.failed.append((f"node {msg.metadata.src_node_id}", f"client raised: {''.join(last).strip()}"))
@@ -197,7 +206,6 @@ def _exchange(grid: Grid, cfg: Config, rnd: int, nodes: list[int], message_type:
             good[pid] = parse(msg)
         except (ValueError, KeyError) as exc:
             report.failed.append((f"client {pid}", str(exc)))
-    answered = {msg.metadata.src_node_id for msg in replies}
     report.failed += [(f"node {n}", "no reply within federation.round_timeout") for n in nodes if n not in answered]
     for who, why in report.failed:
         log.warning("k-means %s: left out: %s: %s", what, who, why)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.lib.format as npy
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 PARTITION_KEY = "partition-id"  # who the reply is from (the client app adds it; never averaged)
 WEIGHT_KEY = "num-examples"     # Flower's weighting key
@@ -34,6 +34,26 @@ class Sent:
     # name -> (shape, numpy dtype name) of the global arrays sent (train only), in the wire dtype
     # ("uint16" for bfloat16's bit pattern): a reply's arrays must be the same
     arrays: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    # the messages' metadata: the Grid fills in each message_id when it pushes them (see stand_in_error)
+    metadata: list[Metadata] = field(default_factory=list)
+
+    def destination(self, message_id: str) -> int | None:
+        """The node that this step's message ``message_id`` went to; None for another step's message."""
+        return next((m.dst_node_id for m in self.metadata if message_id and m.message_id == message_id), None)
+
+
+def stand_in_error(msg: Message, sent: Sent) -> tuple[int, str] | None:
+    """(node, reason) when ``msg`` is an error that Flower made in place of a sampled node's reply:
+    the SuperLink's NODE_UNAVAILABLE (the node stopped sending heartbeats, e.g. it was killed: about a
+    minute after its last one) or REPLY_MESSAGE_UNAVAILABLE (its reply expired), or the Grid's
+    MESSAGE_UNAVAILABLE (the reply's objects could not be pulled). Such an error is sent by the SuperLink
+    or the ServerApp itself, not by the node, so only its ``reply_to_message_id`` names the node."""
+    if not msg.has_error() or msg.metadata.src_node_id in sent.nodes:
+        return None
+    node = sent.destination(msg.metadata.reply_to_message_id)
+    if node is None:
+        return None
+    return node, f"no reply: {msg.error.reason} (Flower error code {msg.error.code})"
 
 
 def stale_reason(msg: Message, sent: Sent) -> str | None:

@@ -79,6 +79,8 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
     if train_report is not None:
         record.update(clients_sampled=train_report.sampled, clients_succeeded=len(train_report.succeeded),
                       clients_failed=len(train_report.failed),
+                      partitions_succeeded=list(train_report.succeeded),  # e.g. whether a restarted node is back
+                      node_of_partition={str(k): v for k, v in train_report.nodes.items()},  # "node N" in failures
                       failures=[f"{who}: {why}" for who, why in train_report.failed],
                       ignored=[f"{who}: {why}" for who, why in train_report.ignored],  # late or unasked-for replies
                       bytes_received_per_client={str(k): v for k, v in train_report.bytes_received.items()},

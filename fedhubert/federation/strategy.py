@@ -5,8 +5,9 @@ made safe for this project by one mixin:
 
 - a client whose reply is an error, malformed (replies.py: records, metrics, array names, shapes, dtypes
   and sizes against the global arrays sent), or holds NaN/Inf, is left out of the aggregate, and so is a
-  sampled client that did not reply within ``federation.round_timeout`` (reason ``timeout``); a late
-  reply to an earlier round, or one from a node that was sent nothing, is ignored;
+  sampled client that did not reply within ``federation.round_timeout`` (reason ``timeout``), or whose
+  reply Flower replaced with an error (e.g. a killed SuperNode's: ``no reply: ... Node Unavailable``); a
+  late reply to an earlier round, or one from a node that was sent nothing, is ignored;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
 - the server optimizer's float64 result is cast back to float32 before it goes on the wire or to disk;
 - the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) and the privacy ledger can be
@@ -29,7 +30,7 @@ from fedhubert.config import Config
 from fedhubert.federation.aggregation import ServerAggregation
 from fedhubert.federation.privacy import KEY_CLIPPING_NORM, PrivateAggregation, sample_size
 from fedhubert.federation.replies import (PARTITION_KEY, Sent, arrays_problem, content_problem, metrics_problem,
-                                          partition_id, stale_reason)
+                                          partition_id, stale_reason, stand_in_error)
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class RoundReport:
     """What happened to the messages of one train or evaluate step of a round."""
     sampled: int = 0
     succeeded: list[int] = field(default_factory=list)          # partition ids
+    nodes: dict[int, int] = field(default_factory=dict)          # partition id -> the node id it replied from
     failed: list[tuple[str, str]] = field(default_factory=list)  # (node or partition, reason): one per sampled node
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (node, reason): late or unasked-for replies
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -100,7 +102,8 @@ class RobustStrategy:
             report.bytes_sent[message.metadata.dst_node_id] = size
         report.sampled = len(messages)
         returned = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()} if kind == MessageType.TRAIN else {}
-        self.sent[kind] = Sent(server_round, kind, [m.metadata.dst_node_id for m in messages], returned)
+        self.sent[kind] = Sent(server_round, kind, [m.metadata.dst_node_id for m in messages], returned,
+                               [m.metadata for m in messages])
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -131,6 +134,11 @@ class RobustStrategy:
         answered: set[int] = set()  # nodes
         claimed: set[int] = set()   # partition ids
         for msg in replies:
+            stand_in = stand_in_error(msg, sent)  # before the checks below: its sender is not the node
+            if stand_in is not None and stand_in[0] not in answered:
+                answered.add(stand_in[0])
+                report.failed.append((f"node {stand_in[0]}", stand_in[1]))
+                continue
             node = msg.metadata.src_node_id
             stale = stale_reason(msg, sent) or (f"second reply from node {node}: ignored" if node in answered else None)
             if stale:
@@ -175,6 +183,7 @@ class RobustStrategy:
         for who, reason in report.ignored:
             log.warning("%s: %s", who, reason)
         report.succeeded = sorted(good)
+        report.nodes = {pid: good[pid].metadata.src_node_id for pid in sorted(good)}
         report.client_metrics = {pid: {k: float(v) for k, v in good[pid].content["metrics"].items()}
                                  for pid in sorted(good)}
         return [good[pid] for pid in sorted(good)]
