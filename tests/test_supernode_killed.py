@@ -10,9 +10,11 @@ marks it offline 2 x 30 s after the last one. Only then does it answer the in-fl
 NODE_UNAVAILABLE error in the node's stead (sent by the SuperLink, naming the node only through
 reply_to_message_id), so round 1 waits 40-60 s for it; federation.round_timeout is set far above that,
 so that the failure is always this error and a slow healthy node is never timed out on this shared
-machine. The restarted SuperNode registers as a new node (insecure mode: a new key, so a new node id).
+machine. The restarted SuperNode registers as a new node (insecure mode: a new key, so a new node id;
+an authenticated one would get its old id back). Evaluation is off (federation.fraction_evaluate=0):
+every message starts a ClientApp process, and the fault is in training.
 
-A second, in-process test checks the same error replies against the strategy without any processes."""
+Two in-process tests check the same error replies against the strategy and the federated k-means."""
 
 from __future__ import annotations
 
