@@ -21,7 +21,7 @@ from fedhubert.federation.metrics import progress_line
 from fedhubert.federation.privacy import KEY_ADAPTIVE_CLIPPING, client_clipping_mod
 from fedhubert.federation.privacy_accounting import Z_RTOL, spent_epsilon
 from fedhubert.federation.strategy import make_strategy
-from test_aggregation import SHAPES, models, reply, start
+from test_aggregation import models, reply, start
 from test_privacy import flat_norm, minus
 
 ADAPTIVE = ["privacy.enabled=true", "privacy.adaptive_clipping=true", "privacy.noise_multiplier=1.3",
