@@ -157,11 +157,16 @@ class FederationConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = knob(False, "client-level differential privacy of the shared weights: clipped updates, their uniform mean noised before the server optimizer's step, epsilon accounted each round")
-    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received)", low=0.0)
-    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update", low=0.0)
-    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
+    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received); with adaptive_clipping, its first value", low=0.0)
+    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update (the z accounted; see target_epsilon, adaptive_clipping)", low=0.0)
+    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod, or adaptiveclipping_mod with adaptive_clipping; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
     delta: float = knob(1e-5, "delta of the (epsilon, delta) guarantee reported every round", low=0.0, high=1.0)
     max_epsilon: float = knob(0.0, "privacy budget: the run stops, its last checkpoint kept, before a round that would take epsilon above this (0 = no budget)", low=0.0)
+    target_epsilon: float = knob(0.0, "derive z instead: the smallest for which the run's rounds (federation.num_rounds; distillation.num_rounds) spend at most this epsilon at delta (0 = use noise_multiplier)", low=0.0)
+    adaptive_clipping: bool = knob(False, "C follows the target_unclipped_quantile of the update norms (Andrew et al. 2021): C <- C exp(-clip_norm_lr (b - gamma)), b the noised share of unclipped updates")
+    target_unclipped_quantile: float = knob(0.5, "gamma: adaptive_clipping aims C at this quantile of the clients' update norms (the share left unclipped)", low=0.0, high=1.0)
+    clip_norm_lr: float = knob(0.2, "eta_C: adaptive_clipping's geometric step size", low=0.0)
+    clipped_count_stddev: float = knob(0.0, "sigma_b: std of the noise on the count of unclipped updates; the update's noise then rises to z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2; 0 = max(clients sampled / 20, z)", low=0.0)
 
 
 @dataclass

@@ -56,6 +56,11 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
     task = get_task(task_name)
     check_partitions(cfg)
     task.preflight(cfg, resume=resume)  # e.g. the teacher and every client's teacher head, before anything is written
+    if cfg.privacy.enabled:  # z from privacy.target_epsilon over the task's rounds (cached for the server), or why not
+        from fedhubert.federation.privacy import sample_size
+        from fedhubert.federation.privacy_accounting import noise_plan
+
+        noise_plan(cfg.privacy, cfg.partition.num_clients, sample_size(cfg), task.num_rounds(cfg))
     checked = absolutize_paths(copy.deepcopy(cfg))  # as the server will see it (it compares saved absolute paths)
     prepare_checkpoint_dir(checked, task, task.check_label_space(checked), resume=resume, overwrite=overwrite)
 
