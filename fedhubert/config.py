@@ -323,8 +323,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
         raise ConfigError(f"config file {path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except (OSError, RecursionError) as exc:  # unreadable, or nested deeper than the parser recurses
-        raise ConfigError(f"config file {path} cannot be read: {type(exc).__name__}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested deeper than the YAML parser can follow") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = doc.pop("extends", None)

@@ -5,7 +5,7 @@ or the file (and, for a file's content, its line), with exit status 2, no traceb
 partitions are unchanged byte for byte and no checkpoint, evaluation or partition folder appears.
 
 The federated stages are stopped before Ray by their input checks (simulation.check_partitions); as a
-safety net the simulation and the evaluation's first data step are replaced by an AssertionError here, so
+safety net the simulation and the evaluation's keyword set (after its input checks) are replaced by an AssertionError here, so
 a check that lets a bad input through fails the test at once instead of training."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_script(name: str, args: list[str]) -> tuple[object, str, str]:
     code: object = 0
     with mock.patch.object(sys, "argv", [str(REPO / name), *args]), \
             mock.patch("fedhubert.federation.simulation.simulate", side_effect=Stop("the federation started")), \
-            mock.patch("fedhubert.eval_rows.speaker_set", side_effect=Stop("the evaluation started")), \
+            mock.patch("fedhubert.eval_rows.keyword_set", side_effect=Stop("the evaluation started")), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             runpy.run_path(str(REPO / name), run_name="__main__")
@@ -183,7 +183,7 @@ def _nested(parts: tuple[str, ...], value: object) -> dict:
     return value
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=80)
 @given(case=bad_config(), via=st.sampled_from(["--set", "yaml"]), script=st.sampled_from(SCRIPTS))
 def test_bad_config_values_end_in_one_line_naming_the_key(tmp_path_factory, case, via, script):
     parts, value, named = case
@@ -281,9 +281,9 @@ def _write(path: Path, lines: list[bytes]) -> None:
 
 
 @st.composite
-def bad_client_files(draw: st.DrawFn, labels: bool) -> tuple[str, str, str | None]:
-    """A mutation of the clean partitions: (kind, client/split file to break, ...) drawn here and applied
-    by :func:`apply`; returns (kind, file, args)."""
+def bad_client_files(draw: st.DrawFn, labels: bool) -> tuple[str, str, dict]:
+    """One way to break one client file, applied by :func:`apply`: (kind, "client_<k>/<split>", the drawn
+    details). ``labels``: the label files too (the stages that read them)."""
     client = draw(st.sampled_from(sorted(SIZES)))
     split = draw(st.sampled_from(["train", "valid"]))
     n = len(SIZES[client][split])
@@ -293,8 +293,7 @@ def bad_client_files(draw: st.DrawFn, labels: bool) -> tuple[str, str, str | Non
                   "labels missing"]
     kind = draw(st.sampled_from(kinds))
     entry = draw(st.integers(0, n - 1))
-    return kind, f"{client}/{split}", {"entry": entry, "n": n, "size": SIZES[client][split][entry],
-                                       "bad_size": draw(BAD_SIZES), "bad_id": draw(BAD_IDS),
+    return kind, f"{client}/{split}", {"entry": entry, "n": n, "bad_size": draw(BAD_SIZES), "bad_id": draw(BAD_IDS),
                                        "bad_bytes": draw(BAD_BYTES), "cut": draw(st.floats(0, 1)),
                                        "delta": draw(st.integers(1, 5)), "fewer": draw(st.booleans()),
                                        "blank": draw(st.integers(0, 2)), "at": draw(st.floats(0, 1))}
@@ -373,20 +372,20 @@ def check_bad_files(work: Path, clean: Path, script: str, mutation: tuple) -> No
     assert sorted(p.name for p in work.iterdir()) == ["parts"]  # no checkpoint or evaluation folder
 
 
-@settings(FUZZ, max_examples=90)
+@settings(FUZZ, max_examples=70)
 @given(mutation=bad_client_files(labels=True), script=st.sampled_from(LABEL_READERS))
 def test_bad_manifests_and_labels_stop_the_training_stages_in_one_line(tmp_path_factory, clean_partitions, mutation,
                                                                        script):
     check_bad_files(tmp_path_factory.mktemp("stage"), clean_partitions, script, mutation)
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=20)
 @given(mutation=bad_client_files(labels=False))
 def test_bad_manifests_stop_the_targets_before_anything_is_fitted(tmp_path_factory, clean_partitions, mutation):
     check_bad_files(tmp_path_factory.mktemp("targets"), clean_partitions, "generate_kmeans_targets.py", mutation)
 
 
-@pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b"{", b"[" * 5000])
+@pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b"{", b"[" * 5000], ids=["list", "non-UTF-8", "not JSON", "deep"])
 def test_a_bad_summary_json_stops_the_targets_in_one_line(tmp_path, clean_partitions, text):
     parts = tmp_path / "parts"
     shutil.copytree(clean_partitions, parts)
@@ -395,3 +394,22 @@ def test_a_bad_summary_json_stops_the_targets_in_one_line(tmp_path, clean_partit
     assert_one_line_error(*run_script("generate_kmeans_targets.py", stage_args(tmp_path, parts, "generate_kmeans_targets.py")),
                           str(parts / "summary.json"))
     assert snapshot(parts) == before
+
+
+HELDOUT = "utt_id,speaker,chapter,path\n1-1-0001,1,1,a.flac\n2-1-0001,2,1,b.flac\n"
+
+
+@pytest.mark.parametrize("text, line", [
+    (HELDOUT.encode().replace(b"b.flac", b"b\xff.flac"), 3),       # not UTF-8
+    (HELDOUT.replace("speaker,", "spk,").encode(), 2),              # a column missing
+    (HELDOUT.replace("2,1,b.flac", "2,1,").encode(), 3),            # an empty path
+    (HELDOUT.replace(",1,a.flac", "").encode(), 2),                 # a truncated row
+], ids=["non-UTF-8", "column missing", "empty path", "truncated row"])
+def test_a_bad_heldout_csv_stops_the_evaluation_in_one_line(tmp_path, clean_partitions, text, line):
+    parts = tmp_path / "parts"
+    shutil.copytree(clean_partitions, parts)
+    (parts / "heldout.csv").write_bytes(text)
+    before = snapshot(parts)
+    err = assert_one_line_error(*run_script("evaluate.py", stage_args(tmp_path, parts, "evaluate.py")))
+    assert f"{parts / 'heldout.csv'}:{line}:" in err
+    assert snapshot(parts) == before and sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
