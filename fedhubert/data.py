@@ -125,15 +125,15 @@ def read_labels(km: Path, sizes: list[int], num_clusters: int) -> tuple[np.ndarr
     return flat, starts
 
 
-def check_client_data(folder: Path, num_clusters: int, splits: tuple[str, ...] = ("train", "valid"),
-                      labels: bool = True) -> None:
-    """What a client will read, checked before a stage writes or starts anything: every ``<split>.tsv``
-    (with ``labels``, its ``<split>.km`` too, ids in ``[0, num_clusters)``) and that every audio file it
-    lists exists. One DataError naming the file and line at the first problem."""
+def check_client_data(folder: Path, num_clusters: int | None, splits: tuple[str, ...] = ("train", "valid")) -> None:
+    """What a client will read, checked before a stage writes or starts anything: every ``<split>.tsv``,
+    that every audio file it lists exists, and (unless ``num_clusters`` is None: no labels yet) its
+    ``<split>.km`` with ids in ``[0, num_clusters)``. One DataError naming the file and line at the first
+    problem."""
     for split in splits:
         tsv = folder / f"{split}.tsv"
         root, entries = manifest_entries(tsv)
-        if labels:
+        if num_clusters is not None:
             read_labels(folder / f"{split}.km", [size for _, _, size in entries], num_clusters)
         for lineno, rel, _ in entries:
             if not (root / rel).is_file():

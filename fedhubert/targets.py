@@ -312,7 +312,7 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
     ids = parse_clients(clients, cfg.partition.num_clients)
     features = make_features(cfg)  # kmeans.checkpoint and kmeans.layer are checked here, before any fitting
     for k in ids:  # fail before anything is fitted or removed if a manifest or an audio file it lists is bad
-        check_client_data(client_dir(out, k), cfg.kmeans.n_clusters, SPLITS, labels=False)
+        check_client_data(client_dir(out, k), None, SPLITS)  # no labels yet: this stage makes them
     record = targets_record(cfg, features)
     if features.iteration > 1:
         log.info("iteration %d targets: layer %d of %d of %s (SHA-1 %s)", features.iteration, features.layer,

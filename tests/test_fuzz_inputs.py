@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import BASE_CONFIG, REPO, TINY
 from fedhubert.config import Config, num_frames
@@ -185,6 +185,11 @@ def _nested(parts: tuple[str, ...], value: object) -> dict:
 
 @settings(FUZZ, max_examples=80)
 @given(case=bad_config(), via=st.sampled_from(["--set", "yaml"]), script=st.sampled_from(SCRIPTS))
+@example(case=(("training", "learning_rate"), math.nan, "training.learning_rate"), via="--set", script="evaluate.py")
+@example(case=(("seed",), 10**20, "seed"), via="yaml", script="partition_data.py")
+@example(case=(("data", "partitions_dir"), "a\0b", "data.partitions_dir"), via="--set", script="partition_data.py")
+@example(case=(("data", "line\nbreak"), 1, "line\nbreak"), via="yaml", script="federated_hubert_pretraining.py")
+@example(case=(("federation", "eta"), 10**400, "federation.eta"), via="--set", script="generate_kmeans_targets.py")
 def test_bad_config_values_end_in_one_line_naming_the_key(tmp_path_factory, case, via, script):
     parts, value, named = case
     work = tmp_path_factory.mktemp("cfg")
