@@ -208,7 +208,7 @@ def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmean
                         "run generate_kmeans_targets.py with kmeans.codebook=federated first (or use kmeans.codebook=local)")
     try:
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         raise DataError(f"{path} is not a readable codebook ({exc}): rerun generate_kmeans_targets.py") from None
     if len(shape) != 2 or shape[0] < 2:
         raise DataError(f"{path}: shape {tuple(shape)} is not a [K, D] codebook: rerun generate_kmeans_targets.py")

@@ -5,12 +5,14 @@ or the file (and, for a file's content, its line), with exit status 2, no traceb
 partitions are unchanged byte for byte and no checkpoint, evaluation or partition folder appears.
 
 The federated stages are stopped before Ray by their input checks (simulation.check_partitions); as a
-safety net the simulation and the evaluation's keyword set (after its input checks) are replaced by an AssertionError here, so
-a check that lets a bad input through fails the test at once instead of training."""
+safety net the simulation and the evaluation's keyword set (after its input checks) are replaced by an
+AssertionError here, so a check that lets a bad input through fails the test at once instead of training.
+README.md, "Bad inputs, tried", lists what is tried and what each gets."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -19,7 +21,6 @@ import runpy
 import shutil
 import sys
 import typing
-import dataclasses
 from pathlib import Path
 from unittest import mock
 
@@ -30,9 +31,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import BASE_CONFIG, REPO, TINY
-from fedhubert.config import Config, num_frames
-
-MAX_INT = 2**63 - 1  # an integer key must fit int64 (config.MAX_INT)
+from fedhubert.config import MAX_INT, Config, num_frames
 
 SCRIPTS = ["partition_data.py", "generate_kmeans_targets.py", "federated_hubert_pretraining.py",
            "federated_distillation.py", "evaluate.py"]
@@ -84,9 +83,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def _fields() -> list[tuple[str, object, dict]]:
     """(dotted key, type, knob metadata) of every config key."""
-    rows = []
+    rows, hints = [], typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
-        hints = typing.get_type_hints(Config)
         if not dataclasses.is_dataclass(hints[section.name]):
             rows.append((section.name, hints[section.name], dict(section.metadata)))
             continue
@@ -417,4 +415,32 @@ def test_a_bad_heldout_csv_stops_the_evaluation_in_one_line(tmp_path, clean_part
     before = snapshot(parts)
     err = assert_one_line_error(*run_script("evaluate.py", stage_args(tmp_path, parts, "evaluate.py")))
     assert f"{parts / 'heldout.csv'}:{line}:" in err
+    assert snapshot(parts) == before and sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+CODEBOOK = _npy(np.zeros((N_CLUSTERS, 39), dtype=np.float32))
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "not a readable codebook"),
+    (CODEBOOK[:30], "not a readable codebook"),                       # the header cut short
+    (CODEBOOK[:200], "not a readable codebook"),                      # the data cut short
+    (bytes(range(256)), "not a readable codebook"),
+    (_npy(np.array([{"a": 1}], dtype=object)), "not a readable codebook"),
+    (_npy(np.zeros(N_CLUSTERS, dtype=np.float32)), "is not a [K, D] codebook"),
+    (_npy(np.zeros((N_CLUSTERS + 1, 39), dtype=np.float32)), "model.vocab_size"),  # more clusters than labels
+], ids=["empty", "header cut", "data cut", "random bytes", "objects", "1-D", "too many clusters"])
+def test_a_bad_codebook_stops_the_pretraining_in_one_line(tmp_path, clean_partitions, data, words):
+    parts = tmp_path / "parts"
+    shutil.copytree(clean_partitions, parts)
+    (parts / "codebook.npy").write_bytes(data)
+    before = snapshot(parts)
+    args = stage_args(tmp_path, parts, "federated_hubert_pretraining.py") + ["--set", "kmeans.codebook=federated"]
+    assert_one_line_error(*run_script("federated_hubert_pretraining.py", args), str(parts / "codebook.npy"), words)
     assert snapshot(parts) == before and sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
