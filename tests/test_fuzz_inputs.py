@@ -388,15 +388,20 @@ def test_bad_manifests_stop_the_targets_before_anything_is_fitted(tmp_path_facto
     check_bad_files(tmp_path_factory.mktemp("targets"), clean_partitions, "generate_kmeans_targets.py", mutation)
 
 
-@pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b"{", b"[" * 5000], ids=["list", "non-UTF-8", "not JSON", "deep"])
-def test_a_bad_summary_json_stops_the_targets_in_one_line(tmp_path, clean_partitions, text):
+BAD_JSON = pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b"{", b"[" * 5000],
+                                   ids=["list", "non-UTF-8", "not JSON", "deep"])
+
+
+@BAD_JSON
+@pytest.mark.parametrize("name, script", [("summary.json", "generate_kmeans_targets.py"),
+                                          ("targets.json", "federated_hubert_pretraining.py")])
+def test_a_bad_json_record_stops_the_stage_that_reads_it_in_one_line(tmp_path, clean_partitions, text, name, script):
     parts = tmp_path / "parts"
     shutil.copytree(clean_partitions, parts)
-    (parts / "summary.json").write_bytes(text)
+    (parts / name).write_bytes(text)
     before = snapshot(parts)
-    assert_one_line_error(*run_script("generate_kmeans_targets.py", stage_args(tmp_path, parts, "generate_kmeans_targets.py")),
-                          str(parts / "summary.json"))
-    assert snapshot(parts) == before
+    assert_one_line_error(*run_script(script, stage_args(tmp_path, parts, script)), str(parts / name), "JSON object")
+    assert snapshot(parts) == before and sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
 
 
 HELDOUT = "utt_id,speaker,chapter,path\n1-1-0001,1,1,a.flac\n2-1-0001,2,1,b.flac\n"
