@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from conftest import BASE_CONFIG, REPO, TINY
 from fedhubert.config import MAX_INT, Config, num_frames
@@ -155,10 +155,19 @@ def bad_value(tp: object, meta: dict) -> st.SearchStrategy:
 NAME = st.text(min_size=1, max_size=10).filter(lambda t: t == t.strip() and "." not in t and "=" not in t)
 
 
+def family(tp: object) -> str:
+    """The kind of a key's type: bool, int, float, str, list or int|str."""
+    if typing.get_origin(tp) is list:
+        return "list"
+    return tp.__name__ if isinstance(tp, type) else "int|str"
+
+
+CONFIG_KINDS = ["bool", "int", "float", "str", "list", "int|str", "unknown key", "not a mapping", "device"]
+
+
 @st.composite
-def bad_config(draw: st.DrawFn) -> tuple[tuple[str, ...], object, str]:
-    """(the key's path, its bad value, what the error must name)."""
-    kind = draw(st.sampled_from(["value", "value", "value", "unknown key", "not a mapping", "device"]))
+def bad_config(draw: st.DrawFn, kind: str) -> tuple[tuple[str, ...], object, str]:
+    """(the key's path, its bad value, what the error must name) of one ``kind`` (CONFIG_KINDS)."""
     if kind == "unknown key":
         section = draw(st.sampled_from(SECTIONS + [None]))
         known = {key.split(".")[-1] for key, _, _ in FIELDS} | set(SECTIONS) | {"seed", "extends"}
@@ -171,7 +180,7 @@ def bad_config(draw: st.DrawFn) -> tuple[tuple[str, ...], object, str]:
         name = draw(st.text(max_size=12).filter(lambda t: not re.fullmatch(r"auto|cpu(:\d+)?|cuda(:\d+)?", t)
                                                 and "\0" not in t))
         return ("training", "device"), name, "training.device"
-    key, tp, meta = draw(st.sampled_from(FIELDS))
+    key, tp, meta = draw(st.sampled_from([f for f in FIELDS if family(f[1]) == kind]))
     return tuple(key.split(".")), draw(bad_value(tp, meta)), key
 
 
@@ -181,15 +190,29 @@ def _nested(parts: tuple[str, ...], value: object) -> dict:
     return value
 
 
-@settings(FUZZ, max_examples=80)
-@given(case=bad_config(), via=st.sampled_from(["--set", "yaml"]), script=st.sampled_from(SCRIPTS))
-@example(case=(("training", "learning_rate"), math.nan, "training.learning_rate"), via="--set", script="evaluate.py")
-@example(case=(("seed",), 10**20, "seed"), via="yaml", script="partition_data.py")
-@example(case=(("data", "partitions_dir"), "a\0b", "data.partitions_dir"), via="--set", script="partition_data.py")
-@example(case=(("data", "line\nbreak"), 1, "line\nbreak"), via="yaml", script="federated_hubert_pretraining.py")
-@example(case=(("federation", "eta"), 10**400, "federation.eta"), via="--set", script="generate_kmeans_targets.py")
-def test_bad_config_values_end_in_one_line_naming_the_key(tmp_path_factory, case, via, script):
-    parts, value, named = case
+@pytest.mark.parametrize("kind", CONFIG_KINDS)
+@settings(FUZZ, max_examples=6)
+@given(data=st.data())
+def test_bad_config_values_end_in_one_line_naming_the_key(tmp_path_factory, kind, data):
+    parts, value, named = data.draw(bad_config(kind))
+    via, script = data.draw(st.sampled_from(["--set", "yaml"])), data.draw(st.sampled_from(SCRIPTS))
+    event(f"{via}: {script}")
+    check_bad_config(tmp_path_factory, parts, value, named, via, script)
+
+
+@pytest.mark.parametrize("parts, value, named, via, script", [
+    (("training", "learning_rate"), math.nan, "training.learning_rate", "--set", "evaluate.py"),
+    (("federation", "eta"), 10**400, "federation.eta", "--set", "generate_kmeans_targets.py"),
+    (("seed",), 10**20, "seed", "yaml", "partition_data.py"),
+    (("data", "partitions_dir"), "a\0b", "data.partitions_dir", "--set", "partition_data.py"),
+    (("data", "line\nbreak"), 1, "line\nbreak", "yaml", "federated_hubert_pretraining.py"),
+], ids=["NaN", "float overflow", "beyond int64", "NUL", "line break"])
+def test_config_values_that_once_got_through_end_in_one_line(tmp_path_factory, parts, value, named, via, script):
+    check_bad_config(tmp_path_factory, parts, value, named, via, script)
+
+
+def check_bad_config(tmp_path_factory, parts: tuple[str, ...], value: object, named: str, via: str, script: str) -> None:
+    """Runs ``script`` with ``value`` at key ``parts`` (by --set or a YAML file): one line naming ``named``."""
     work = tmp_path_factory.mktemp("cfg")
     guards = [f"data.partitions_dir={work / 'parts'}", f"data.librispeech_root={work / 'corpus'}",
               f"federation.checkpoint_dir={work / 'ckpt'}", f"evaluation.output_dir={work / 'eval'}"]
@@ -283,21 +306,20 @@ def _write(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
+TSV_KINDS = ["truncated line", "bad length", "non-UTF-8", "missing audio", "empty", "missing file"]
+KM_KINDS = ["label line dropped", "label line added", "label count", "bad id", "label non-UTF-8", "labels empty",
+            "labels missing"]
+
+
 @st.composite
-def bad_client_files(draw: st.DrawFn, labels: bool) -> tuple[str, str, dict]:
-    """One way to break one client file, applied by :func:`apply`: (kind, "client_<k>/<split>", the drawn
-    details). ``labels``: the label files too (the stages that read them)."""
+def bad_client_file(draw: st.DrawFn, kind: str) -> tuple[str, str, dict]:
+    """One way (``kind``) to break one client file, applied by :func:`apply`: (kind, "client_<k>/<split>",
+    the drawn details)."""
     client = draw(st.sampled_from(sorted(SIZES)))
     split = draw(st.sampled_from(["train", "valid"]))
     n = len(SIZES[client][split])
-    kinds = ["truncated line", "bad length", "non-UTF-8", "missing audio", "empty", "missing file"]
-    if labels:
-        kinds += ["label line dropped", "label line added", "label count", "bad id", "label non-UTF-8", "labels empty",
-                  "labels missing"]
-    kind = draw(st.sampled_from(kinds))
-    entry = draw(st.integers(0, n - 1))
-    return kind, f"{client}/{split}", {"entry": entry, "n": n, "bad_size": draw(BAD_SIZES), "bad_id": draw(BAD_IDS),
-                                       "bad_bytes": draw(BAD_BYTES), "cut": draw(st.floats(0, 1)),
+    return kind, f"{client}/{split}", {"entry": draw(st.integers(0, n - 1)), "n": n, "bad_size": draw(BAD_SIZES),
+                                       "bad_id": draw(BAD_IDS), "bad_bytes": draw(BAD_BYTES), "cut": draw(st.floats(0, 1)),
                                        "delta": draw(st.integers(1, 5)), "fewer": draw(st.booleans()),
                                        "blank": draw(st.integers(0, 2)), "at": draw(st.floats(0, 1))}
 
@@ -375,17 +397,21 @@ def check_bad_files(work: Path, clean: Path, script: str, mutation: tuple) -> No
     assert sorted(p.name for p in work.iterdir()) == ["parts"]  # no checkpoint or evaluation folder
 
 
-@settings(FUZZ, max_examples=70)
-@given(mutation=bad_client_files(labels=True), script=st.sampled_from(LABEL_READERS))
-def test_bad_manifests_and_labels_stop_the_training_stages_in_one_line(tmp_path_factory, clean_partitions, mutation,
-                                                                       script):
-    check_bad_files(tmp_path_factory.mktemp("stage"), clean_partitions, script, mutation)
+@pytest.mark.parametrize("kind", TSV_KINDS + KM_KINDS)
+@settings(FUZZ, max_examples=4)
+@given(data=st.data())
+def test_bad_manifests_and_labels_stop_the_training_stages_in_one_line(tmp_path_factory, clean_partitions, kind, data):
+    script = data.draw(st.sampled_from(LABEL_READERS))
+    event(script)
+    check_bad_files(tmp_path_factory.mktemp("stage"), clean_partitions, script, data.draw(bad_client_file(kind)))
 
 
-@settings(FUZZ, max_examples=20)
-@given(mutation=bad_client_files(labels=False))
-def test_bad_manifests_stop_the_targets_before_anything_is_fitted(tmp_path_factory, clean_partitions, mutation):
-    check_bad_files(tmp_path_factory.mktemp("targets"), clean_partitions, "generate_kmeans_targets.py", mutation)
+@pytest.mark.parametrize("kind", TSV_KINDS)
+@settings(FUZZ, max_examples=3)
+@given(data=st.data())
+def test_bad_manifests_stop_the_targets_before_anything_is_fitted(tmp_path_factory, clean_partitions, kind, data):
+    check_bad_files(tmp_path_factory.mktemp("targets"), clean_partitions, "generate_kmeans_targets.py",
+                    data.draw(bad_client_file(kind)))
 
 
 BAD_JSON = pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b"{", b"[" * 5000],
