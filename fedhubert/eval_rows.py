@@ -25,7 +25,7 @@ import torch
 from fedhubert.centralized import federated_budget, train_centralized
 from fedhubert.checkpoint import load_checkpoint, save_checkpoint
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
-from fedhubert.data import majority_share, make_loader, read_labels, read_manifest
+from fedhubert.data import check_client_data, majority_share, make_loader, read_labels, read_manifest
 from fedhubert.distill import STUDENT
 from fedhubert.errors import DataError
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
@@ -208,6 +208,8 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: 
     out = Path(cfg.evaluation.output_dir)
     rows = list(rows or cfg.evaluation.rows)
     device = resolve_device(cfg.training.device)
+    for k in range(cfg.partition.num_clients):  # masked prediction and the targets' quality read them: check them first
+        check_client_data(Path(cfg.data.partitions_dir) / f"client_{k}", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
     started = time.perf_counter()
     sets: dict[str, ProbeSet] = {"speaker": speaker_set(cfg), "keyword": keyword_set(cfg, out / "cache" / "espeak")}
     specs = row_specs(cfg, out, rows, federated_round)
