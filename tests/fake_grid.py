@@ -177,6 +177,16 @@ def run(cfg, clients: Clients | None = None, resume: bool = False) -> dict:
 
 KMEANS_NODES = [31, 32, 33]
 KMEANS_FRAMES = 200  # frames per client: 600 in all, 30 clusters' worth at min_frames_per_cluster 20
+KMEANS_DIM = 39      # MFCC's: what the server's make_features says the frames are
+
+
+def kmeans_cfg(out: Path, *overrides: str):
+    """The tiny federation's federated k-means (2 rounds, no early stop) writing into ``out``."""
+    from conftest import TINY, make_config
+
+    out.mkdir(exist_ok=True)
+    return make_config(out / "corpus", out, *TINY, "kmeans.codebook=federated", "kmeans.max_rounds=2",
+                       "kmeans.tol=0", "federation.round_timeout=9", *overrides)
 
 
 class KmeansClients:
@@ -219,3 +229,12 @@ class KmeansClients:
         if fault is not None:
             fault(reply.content)
         return reply
+
+
+def run_kmeans(out: Path, faults: dict | None = None, *overrides: str) -> tuple[dict, KmeansClients]:
+    """The k-means ServerApp's run into ``out`` on three KmeansClients with ``faults``."""
+    from fedhubert.federation.kmeans_app import run_kmeans_server
+
+    cfg = kmeans_cfg(out, *overrides)
+    clients = KmeansClients(KMEANS_DIM, cfg.kmeans.k_local or cfg.kmeans.n_clusters, faults)
+    return run_kmeans_server(clients.grid, cfg), clients

@@ -6,31 +6,18 @@ with real audio and a raising client is test_kmeans_federated.py's."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord
 
-from conftest import TINY, make_config
-from fake_grid import (KMEANS_NODES, KmeansClients, npy, read_jsonl, with_array, with_metrics, with_record,
-                       without_array, without_record)
+from fake_grid import (KMEANS_DIM as D, KMEANS_NODES, npy, read_jsonl, run_kmeans, with_array, with_metrics,
+                       with_record, without_array, without_record)
 from fedhubert.errors import FederationError
-from fedhubert.federation.kmeans_app import INIT, LABEL, STATS, run_kmeans_server
+from fedhubert.federation.kmeans_app import INIT, LABEL, STATS
 
-K, D = 20, 39  # TINY's kmeans.n_clusters (600 frames hold 30 clusters' worth: K stays 20); MFCC's dim
-BAD = 2        # the faulty client; node KMEANS_NODES[2]
-
-
-def kmeans_cfg(out: Path, *overrides: str):
-    out.mkdir(exist_ok=True)
-    return make_config(out / "corpus", out, *TINY, "kmeans.codebook=federated", "kmeans.max_rounds=2",
-                       "kmeans.tol=0", "federation.round_timeout=9", *overrides)
-
-
-def run_kmeans(out: Path, faults: dict) -> tuple[dict, KmeansClients]:
-    clients = KmeansClients(D, K, faults)
-    return run_kmeans_server(clients.grid, kmeans_cfg(out)), clients
+K = 20   # TINY's kmeans.n_clusters (600 frames hold 30 clusters' worth: K stays 20)
+BAD = 2  # the faulty client; node KMEANS_NODES[2]
 
 
 def counts_with(value: int, fix_total: bool = True):
@@ -156,9 +143,9 @@ def test_too_few_good_kmeans_replies_stop_the_run_in_one_line(tmp_path):
 
 def test_labelling_needs_every_client(tmp_path):
     """Every client labels its own splits with the one codebook: one bad labelling reply stops the run
-    before targets.json says the targets are made."""
+    before codebook.npy and targets.json say the targets are made."""
     with pytest.raises(FederationError, match=re.escape(
             "k-means labelling: 2 of 3 clients succeeded, 3 needed (client 2: 'train-utterances' is -1: it must be "
             "a non-negative integer); stopping")):
         run_kmeans(tmp_path, {(LABEL, 3, BAD): with_metrics(**{"train-utterances": -1})})
-    assert (tmp_path / "codebook.npy").exists() and not (tmp_path / "targets.json").exists()
+    assert not (tmp_path / "codebook.npy").exists() and not (tmp_path / "targets.json").exists()

@@ -28,8 +28,11 @@ read, integer metrics, one reply per node and partition, no late reply), then it
 of that step with a warning and its reason in kmeans_metrics.jsonl's ``failures``; a step goes on while
 ``federation.min_fit_clients`` succeed, else the run stops with one line naming every failure; the initialisation and the labelling go
 to all ``partition.num_clients`` clients, and labelling needs every one of them. The
-server writes ``codebook.npy``, ``kmeans_metrics.jsonl`` (one line per round) and ``targets.json``
-(targets.write_targets) under ``data.partitions_dir``, and one console line per round.
+server writes ``kmeans_metrics.jsonl`` (one line per round, rewritten whole: a rerun never appends to an
+earlier run's), and once every client has labelled its splits ``codebook.npy`` and ``targets.json``
+(targets.write_targets), under ``data.partitions_dir``, and one console line per round. A run first
+removes an earlier run's ``codebook.npy`` and ``targets.json``: a run that fails leaves neither, so no
+training stage pairs its labels with another run's codebook (targets.check_codebook refuses).
 """
 
 from __future__ import annotations
@@ -273,7 +276,12 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     out = Path(cfg.data.partitions_dir)
     features = make_features(cfg)
     dim, need = features.dim, f.min_fit_clients
-    (out / TARGETS_FILE).unlink(missing_ok=True)  # written again once every client has labelled its splits
+    # An earlier run's codebook and record go first: written again once every client has labelled its
+    # splits, so the folder never pairs this run's kmeans_metrics.jsonl or labels with another run's codebook
+    for name in (TARGETS_FILE, CODEBOOK_FILE):
+        if (out / name).exists():
+            log.info("k-means: removing the earlier run's %s (written again when this run has finished)", out / name)
+            (out / name).unlink()
     history: list[dict[str, Any]] = []
 
     def add(record: dict[str, Any], t0: float) -> None:
@@ -325,10 +333,8 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
             break
         prev = per_frame
 
-    with atomic_open(out / CODEBOOK_FILE, "wb") as handle:
-        np.save(handle, codebook)
-    log.info("k-means: wrote %s (%d x %d, %s after %d rounds); the clients label their splits", out / CODEBOOK_FILE,
-             n_clusters, dim, "converged" if converged else "kmeans.max_rounds reached", len(history) - 1)
+    log.info("k-means: codebook %d x %d (%s after %d rounds); the clients label their splits", n_clusters, dim,
+             "converged" if converged else "kmeans.max_rounds reached", len(history) - 1)
     _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
     nodes = sorted(nodes)
     labelled, _ = _exchange(grid, cfg, _expected(LABEL, len(history), nodes, k_local, n_clusters, dim),
@@ -337,6 +343,9 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
                 "train_utterances": int(m["train-utterances"]), "valid_utterances": int(m["valid-utterances"])}
                for pid, m in labelled.items()]
     log.info("k-means: clients %s wrote train.km and valid.km (%d clusters)", sorted(labelled), n_clusters)
+    with atomic_open(out / CODEBOOK_FILE, "wb") as handle:  # only now: every client's labels are its ids
+        np.save(handle, codebook)
+    log.info("k-means: wrote %s", out / CODEBOOK_FILE)
     write_targets(out, targets_record(cfg, features), {pid: n_clusters for pid in labelled},
                   codebook_sha1=file_sha1(out / CODEBOOK_FILE))
     return {"codebook": str(out / CODEBOOK_FILE), "n_clusters": n_clusters, "converged": converged,
