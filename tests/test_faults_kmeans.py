@@ -53,16 +53,19 @@ MALFORMED = [
     ("huge array behind a right label", STATS,
      with_array("counts", Array("int64", (K,), "numpy.ndarray", npy((HUGE,), "int64", b"\0" * 64))),
      "client 2", f"array 'counts' has shape ({HUGE},)"),
-    ("truncated data", STATS, with_array("sums", Array("float32", (K, D), "numpy.ndarray", npy((K, D), "float32", b"\0" * 8))),
+    ("truncated data", STATS,
+     with_array("sums", Array("float32", (K, D), "numpy.ndarray", npy((K, D), "float32", b"\0" * 8))),
      "client 2", f"holds 8 bytes of data, its shape needs {K * D * 4}"),
-    ("NaN sums", STATS, with_array("sums", np.full((K, D), np.nan, np.float32)), "client 2", "statistics contain NaN/Inf"),
+    ("NaN sums", STATS, with_array("sums", np.full((K, D), np.nan, np.float32)), "client 2",
+     "statistics contain NaN/Inf"),
     ("Inf inertia", STATS, with_array("inertia", np.array([np.inf])), "client 2", "statistics contain NaN/Inf"),
     ("negative counts", STATS, counts_with(-5), "client 2", "negative statistics (counts down to -5"),
     ("negative inertia", STATS, with_array("inertia", np.array([-1.0])), "client 2", "inertia -1"),
     ("counts not adding up", STATS, counts_with(10 ** 6, fix_total=False), "client 2", "do not add up to num_frames"),
     ("no metrics record", STATS, without_record("metrics"), f"node {KMEANS_NODES[BAD]}",
      "reply holds the records ['arrays']"),
-    ("no arrays record", STATS, without_record("arrays"), f"node {KMEANS_NODES[BAD]}", "reply holds the records ['metrics']"),
+    ("no arrays record", STATS, without_record("arrays"), f"node {KMEANS_NODES[BAD]}",
+     "reply holds the records ['metrics']"),
     ("an extra record", STATS, with_record("config", ConfigRecord({"x": 1})), f"node {KMEANS_NODES[BAD]}",
      "reply holds the records"),
     ("another client's partition-id", STATS, with_metrics(**{"partition-id": 0}), f"node {KMEANS_NODES[BAD]}",
@@ -71,7 +74,8 @@ MALFORMED = [
      "no valid 'partition-id'"),
     ("NaN metric", STATS, with_metrics(loss=float("nan")), "client 2", "metrics contain NaN/Inf ('loss' is nan)"),
     ("the client raised", STATS, "raise", f"node {KMEANS_NODES[BAD]}", "client raised: RuntimeError: planted failure"),
-    ("a straggler", STATS, "straggle", f"node {KMEANS_NODES[BAD]}", "timeout: no reply within federation.round_timeout (9 s)"),
+    ("a straggler", STATS, "straggle", f"node {KMEANS_NODES[BAD]}",
+     "timeout: no reply within federation.round_timeout (9 s)"),
     ("centres of another dim", INIT, with_array("centres", np.zeros((K, D + 1), np.float32)), "client 2",
      f"array 'centres' has shape ({K}, {D + 1}), expected (1..{K}, {D})"),
     ("more centres than k_local", INIT, lambda c: (with_array("centres", np.zeros((K + 1, D), np.float32))(c),
@@ -83,7 +87,8 @@ MALFORMED = [
     ("NaN centres", INIT, with_array("centres", np.full((K, D), np.nan, np.float32)), "client 2",
      "local centres contain NaN/Inf"),
     ("negative centre counts", INIT, init_counts(lambda c: c - c.max() - 1), "client 2", "counts are negative"),
-    ("fewer counts than centres", INIT, init_counts(lambda c: c[:-1]), "client 2", f"{K} local centres but {K - 1} counts"),
+    ("fewer counts than centres", INIT, init_counts(lambda c: c[:-1]), "client 2",
+     f"{K} local centres but {K - 1} counts"),
     ("negative num-frames", INIT, with_metrics(**{"num-frames": -5}), "client 2",
      "'num-frames' is -5: it must be a non-negative integer"),
     ("fractional num-frames", INIT, with_metrics(**{"num-frames": 1.5}), "client 2", "'num-frames' is 1.5"),
@@ -111,8 +116,9 @@ def test_a_malformed_kmeans_reply_is_left_out_and_the_step_goes_on(tmp_path, lef
     history = read_jsonl(tmp_path / "kmeans_metrics.jsonl")
     line = history[ROUND[step]]
     assert (line["clients_sampled"], line["clients_ok"], line["clients_failed"]) == (3, 2, 1)
-    assert len(line["failures"]) == 1 and line["failures"][0].startswith(f"{who}: ") and reason in line["failures"][0],         line["failures"]
-    assert "\n" not in line["failures"][0]  # one line: a traceback's last line only
+    (failure,) = line["failures"]
+    assert failure.startswith(f"{who}: ") and reason in failure, failure
+    assert "\n" not in failure  # one line: a traceback's last line only
     assert str(BAD) not in line["bytes_up_per_client"]
     assert all(r["clients_ok"] == 3 for r in history if r is not line)  # only that step lost client 2
     np.testing.assert_array_equal(np.load(tmp_path / "codebook.npy"), left_out[step])  # the other two's alone

@@ -26,13 +26,14 @@ Every reply goes through the checks pretraining's replies go through (replies.sc
 read, integer metrics, one reply per node and partition, no late reply), then its numbers are checked
 (finite, non-negative counts that add up). A client that raises, times out or fails a check is left out
 of that step with a warning and its reason in kmeans_metrics.jsonl's ``failures``; a step goes on while
-``federation.min_fit_clients`` succeed, else the run stops with one line naming every failure; the initialisation and the labelling go
-to all ``partition.num_clients`` clients, and labelling needs every one of them. The
-server writes ``kmeans_metrics.jsonl`` (one line per round, rewritten whole: a rerun never appends to an
-earlier run's), and once every client has labelled its splits ``codebook.npy`` and ``targets.json``
-(targets.write_targets), under ``data.partitions_dir``, and one console line per round. A run first
-removes an earlier run's ``codebook.npy`` and ``targets.json``: a run that fails leaves neither, so no
-training stage pairs its labels with another run's codebook (targets.check_codebook refuses).
+``federation.min_fit_clients`` succeed, else the run stops with one line naming every failure; the
+initialisation and the labelling go to all ``partition.num_clients`` clients, and labelling needs every
+one of them. The server writes ``kmeans_metrics.jsonl`` (one line per round, rewritten whole: a rerun
+never appends to an earlier run's), and once every client has labelled its splits ``codebook.npy`` and
+``targets.json`` (targets.write_targets), under ``data.partitions_dir``, and one console line per round.
+A run first removes an earlier run's ``codebook.npy`` and ``targets.json``: a run that fails leaves
+neither, so no training stage pairs its labels with another run's codebook (targets.check_codebook
+refuses).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def _expected(message_type: str, rnd: int, nodes: list[int], k_local: int, n_clu
                           "inertia": ((1,), "float64"), "num_frames": ((1,), "int64")}, ()
     else:
         counts = ("train-frames", "train-utterances", "valid-utterances")
-    return Sent(rnd, message_type, nodes, arrays, weight=None, counts=counts, dtype_source="the k-means ClientApp's")
+    return Sent(rnd, message_type, nodes, arrays, weight=None, counts=counts, dtype_source="kmeans_app's wire format")
 
 
 def _exchange(grid: Grid, cfg: Config, sent: Sent, arrays: ArrayRecord | None, parse: Callable[[Message], Any],

@@ -45,7 +45,7 @@ class Sent:
     # ArrayRecord); for pretraining the global arrays sent, in the wire dtype ("uint16" for bfloat16's
     # bit pattern)
     arrays: dict[str, tuple[tuple[Dim, ...], str]] = field(default_factory=dict)
-    weight: str | None = "num-examples"  # a metric every reply carries, positive (None: no such metric)
+    weight: str | None = WEIGHT_KEY     # a metric every reply carries, positive (None: no such metric)
     counts: tuple[str, ...] = ()         # metrics every reply carries, each a non-negative integer
     dtype_source: str = "federation.wire_dtype"  # what sets the arrays' dtype, for the refusal's line
 
@@ -82,7 +82,8 @@ def partition_id(metrics: MetricRecord) -> int | None:
     return int(value) if value >= 0 and float(value).is_integer() else None
 
 
-def metrics_problem(metrics: MetricRecord, weight: str | None = WEIGHT_KEY, counts: Iterable[str] = ()) -> str | None:
+def metrics_problem(metrics: MetricRecord, weight: str | None = WEIGHT_KEY,
+                    counts: Iterable[str] = ()) -> str | None:
     """Every metric a finite number (a list cannot be averaged or logged), ``weight`` positive (a zero
     total weight would divide by zero, a negative one flip the mean), each of ``counts`` a non-negative
     integer."""
