@@ -29,8 +29,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from fedhubert.config import Config
 from fedhubert.federation.aggregation import ServerAggregation
 from fedhubert.federation.privacy import PrivateAggregation, sample_size
-from fedhubert.federation.replies import (PARTITION_KEY, Sent, arrays_problem, content_problem, metrics_problem,
-                                          partition_id, stale_reason)
+from fedhubert.federation.replies import PARTITION_KEY, Sent, screen, timed_out
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -134,55 +133,29 @@ class RobustStrategy:
         with_arrays = message_type == MessageType.TRAIN
         if with_arrays:
             self.norm_bits = {}
+        kept, answered = screen(replies, sent, report.failed, report.ignored, self.arrayrecord_key)
+        wants_bit = with_arrays and self.privacy is not None and self.privacy.bits_from_clients
         good: dict[int, Message] = {}
-        answered: set[int] = set()  # nodes
-        claimed: set[int] = set()   # partition ids
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            stale = stale_reason(msg, sent) or (f"second reply from node {node}: ignored" if node in answered else None)
-            if stale:
-                report.ignored.append((f"node {node}", stale))
-                continue
-            answered.add(node)
-            if msg.has_error():
-                report.failed.append((f"node {node}", f"client raised: {msg.error.reason}"))
-                continue
-            problem = content_problem(msg.content, with_arrays, self.arrayrecord_key)
-            pid = None if problem else partition_id(msg.content["metrics"])
-            if pid is None:
-                report.failed.append((f"node {node}", problem or f"metrics carry no valid '{PARTITION_KEY}'"))
-                continue
-            who = f"client {pid}"
-            if pid in claimed:
-                report.failed.append((f"node {node}", f"{PARTITION_KEY} {pid} already replied this round"))
-                continue
-            claimed.add(pid)
-            problem = metrics_problem(msg.content["metrics"])
-            wants_bit = with_arrays and self.privacy is not None and self.privacy.bits_from_clients
-            if not problem and wants_bit and msg.content["metrics"].get(KEY_NORM_BIT) not in (0, 1):
-                problem = (f"metrics carry no '{KEY_NORM_BIT}' of 0 or 1 (privacy.adaptive_clipping with clipping "
-                           "client: Flower's adaptiveclipping_mod reports it)")
-            if not problem and with_arrays:  # headers only: nothing of the arrays is allocated yet
-                problem = arrays_problem(msg.content[self.arrayrecord_key], sent)
-            if problem:
-                report.failed.append((who, problem))
+        for pid, msg in kept.items():
+            if wants_bit and msg.content["metrics"].get(KEY_NORM_BIT) not in (0, 1):
+                report.failed.append((f"client {pid}", f"metrics carry no '{KEY_NORM_BIT}' of 0 or 1 (privacy.adaptive_"
+                                      "clipping with clipping client: Flower's adaptiveclipping_mod reports it)"))
                 continue
             if with_arrays:  # every array checked against the global one: decoding allocates no more than it
                 record = msg.content[self.arrayrecord_key]
                 report.bytes_received[pid] = payload_bytes(record)
                 decoded = {k: decode_array(a) for k, a in record.items()}
                 if not all_finite(decoded.values()):
-                    report.failed.append((who, "update contains NaN/Inf"))
+                    report.failed.append((f"client {pid}", "update contains NaN/Inf"))
                     continue
                 msg.content[self.arrayrecord_key] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
             if wants_bit:  # for the noised count only: never averaged or logged un-noised
-                self.norm_bits[node] = bool(msg.content["metrics"][KEY_NORM_BIT])
+                self.norm_bits[msg.metadata.src_node_id] = bool(msg.content["metrics"][KEY_NORM_BIT])
             metrics = {k: v for k, v in msg.content["metrics"].items() if k not in (PARTITION_KEY, KEY_NORM_BIT)}
             msg.content["metrics"] = MetricRecord(metrics)  # without partition-id: not a quantity to average
             good[pid] = msg
         self._agree_on_metric_keys(good, report)
-        timeout = f"timeout: no reply within federation.round_timeout ({self.round_timeout:g} s)"
-        report.failed += [(f"node {n}", timeout) for n in sent.nodes if n not in answered]
+        report.failed += timed_out(sent, answered, self.round_timeout)
         for who, reason in report.failed:
             log.warning("left out of the aggregate: %s: %s", who, reason)
         for who, reason in report.ignored:
