@@ -76,6 +76,7 @@ def test_the_federated_kmeans_counts_a_dead_nodes_error_once_and_as_its_own():
     """The k-means exchange (kmeans_app._exchange) with the same error for node 13: one failure for node 13
     with Flower's reason, not a 'client raised' from node 1 (the SuperLink) plus a timeout for node 13."""
     from fedhubert.federation.kmeans_app import _exchange
+    from fedhubert.federation.replies import Sent
 
     def answer(msg: Message) -> Message:
         if msg.metadata.dst_node_id == 13:
@@ -84,8 +85,8 @@ def test_the_federated_kmeans_counts_a_dead_nodes_error_once_and_as_its_own():
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
     cfg = fed_config(("/x", "/y"), "/z")
-    good, report = _exchange(FakeGrid([11, 12, 13], answer), cfg, 1, [11, 12, 13], "train.kmeans_stats", None,
-                             lambda msg: "parsed", 2, "statistics")
+    sent = Sent(1, "train.kmeans_stats", [11, 12, 13], weight=None)  # replies of metrics only
+    good, report = _exchange(FakeGrid([11, 12, 13], answer), cfg, sent, None, lambda msg: "parsed", 2, "statistics")
     assert good == {0: "parsed", 1: "parsed"} and report.succeeded == [0, 1]
     assert len(report.failed) == 1 and report.failed[0][0] == "node 13", report.failed
     assert report.failed[0][1].startswith("no reply: ") and UNAVAILABLE in report.failed[0][1]

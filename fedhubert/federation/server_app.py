@@ -108,9 +108,9 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
     labels = task.check_label_space(cfg)  # e.g. codebook_sha1, targets: every checkpoint of the run records them
+    strategy = make_strategy(cfg, task.num_rounds(cfg))  # e.g. a privacy.target_epsilon it cannot meet: before any write
     resume_from = prepare_checkpoint_dir(cfg, task, labels, resume=resume, overwrite=overwrite)
     ckpts = ServerCheckpoints(cfg, task)
-    strategy = make_strategy(cfg)
     metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
     best_val, best_round, start = math.inf, -1, 1
 
