@@ -22,13 +22,16 @@ def main() -> None:
     parser.add_argument("--round", type=int, dest="federated_round", metavar="N",
                         help="the federated row is round N's global model (server/round_N.pt, with the clients' "
                         "round-N heads) instead of the best one; compute (and the centralized budget) count rounds 1..N")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="evaluation.output_dir holds the evaluation of another config: move it aside to "
+                        "<folder>.old-<time> (nothing is deleted), then evaluate afresh")
     args = parser.parse_args()
     from fedhubert.eval_rows import run_evaluation
     cfg = config_from_args(args)
     if args.rows:
         args.overrides.append(f"evaluation.rows=[{args.rows}]")
         cfg = config_from_args(args)
-    run_evaluation(cfg, federated_round=args.federated_round)
+    run_evaluation(cfg, federated_round=args.federated_round, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

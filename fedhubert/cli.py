@@ -35,8 +35,13 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except FedHubertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a line break inside it (from a key, a path or a value) is shown as ``\\n``."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def federated_main(task: str, description: str, default_config: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ FRAME_LENGTH = 400
 FRAME_STRIDE = 320
 # fairseq dictionaries start with <s>, <pad>, </s>, <unk>: cluster id c is target c + 4.
 NUM_SPECIAL_SYMBOLS = 4
+MAX_INT = 2**63 - 1  # an integer key must fit int64
 
 
 def knob(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -157,11 +159,16 @@ class FederationConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = knob(False, "client-level differential privacy of the shared weights: clipped updates, their uniform mean noised before the server optimizer's step, epsilon accounted each round")
-    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received)", low=0.0)
-    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update", low=0.0)
-    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
+    clipping_norm: float = knob(1.0, "C: bound on the flat L2 norm of each client's update (its weights minus the global weights it received); with adaptive_clipping, its first value", low=0.0)
+    noise_multiplier: float = knob(1.0, "z: Gaussian noise of std z * C / (clients sampled) on the averaged update (the z accounted; see target_epsilon, adaptive_clipping)", low=0.0)
+    clipping: str = knob("server", "where updates are clipped: server, or client (Flower's fixedclipping_mod, or adaptiveclipping_mod with adaptive_clipping; needs wire_dtype float32); the server re-clips either way", choices=("server", "client"))
     delta: float = knob(1e-5, "delta of the (epsilon, delta) guarantee reported every round", low=0.0, high=1.0)
     max_epsilon: float = knob(0.0, "privacy budget: the run stops, its last checkpoint kept, before a round that would take epsilon above this (0 = no budget)", low=0.0)
+    target_epsilon: float = knob(0.0, "derive z instead: the smallest for which the run's rounds (federation.num_rounds; distillation.num_rounds) spend at most this epsilon at delta (0 = use noise_multiplier)", low=0.0)
+    adaptive_clipping: bool = knob(False, "C follows the target_unclipped_quantile of the update norms (Andrew et al. 2021): C <- C exp(-clip_norm_lr (b - gamma)), b the noised share of unclipped updates")
+    target_unclipped_quantile: float = knob(0.5, "gamma: adaptive_clipping aims C at this quantile of the clients' update norms (the share left unclipped)", low=0.0, high=1.0)
+    clip_norm_lr: float = knob(0.2, "eta_C: adaptive_clipping's geometric step size", low=0.0)
+    clipped_count_stddev: float = knob(0.0, "sigma_b: std of the noise on the count of unclipped updates; the update's noise then rises to z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2; 0 = max(clients sampled / 20, z)", low=0.0)
 
 
 @dataclass
@@ -259,6 +266,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         value = int(value)
+        if not -MAX_INT <= value <= MAX_INT:  # numpy, torch and the checkpoints hold it as int64
+            raise ConfigError(f"config key '{key}' must be an integer within +-(2**63 - 1), got {value!r}")
     elif tp is float:
         if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
             try:
@@ -267,10 +276,17 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # NaN passes every range check below; no key means anything by inf
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        if "\0" in value:  # no path, word or device name holds one; os and libsndfile calls reject it
+            raise ConfigError(f"config key '{key}' must not contain a NUL character, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
         return value
@@ -298,6 +314,15 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
             setattr(obj, name, _coerce(key, value, tp, dict(known[name].metadata)))
 
 
+# libyaml's loader when PyYAML has it: the same documents, ten times faster than the pure-Python one (a
+# script loads the 120-line config in 0.03 s instead of 0.3 s), and a nesting limit instead of recursion.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """The mappings of ``path`` and of the files it extends, base first."""
     path = path.resolve()
@@ -306,12 +331,21 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = _yaml(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested deeper than the YAML parser can follow") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = doc.pop("extends", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"config key 'extends' in {path} must be a file name, got {base!r}")
     layers = _read_yaml(path.parent / base, seen + (path,)) if base else []
     return layers + [(doc, str(path))]
 
@@ -322,8 +356,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     dotted, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     nested: dict = value
     for part in reversed(dotted.strip().split(".")):

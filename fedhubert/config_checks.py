@@ -56,9 +56,22 @@ def _check_privacy(cfg: Config) -> None:
     p = cfg.privacy
     if not p.enabled:
         return
-    for key in ("clipping_norm", "noise_multiplier"):  # z = 0 or C = 0 promise nothing
+    # z = 0 or C = 0 promise nothing; with a target_epsilon, z is derived from it (privacy_accounting.py)
+    for key in ("clipping_norm",) if p.target_epsilon > 0 else ("clipping_norm", "noise_multiplier"):
         if getattr(p, key) <= 0:
             raise ConfigError(f"config key 'privacy.{key}' must be above 0 with privacy.enabled, got {getattr(p, key)!r}")
+    if p.adaptive_clipping:
+        if not 0 < p.target_unclipped_quantile < 1:  # 0 or 1 drives C to 0 or to infinity
+            raise ConfigError(f"config key 'privacy.target_unclipped_quantile' must be in (0, 1) with "
+                              f"privacy.adaptive_clipping, got {p.target_unclipped_quantile!r}")
+        if p.clip_norm_lr <= 0:
+            raise ConfigError(f"config key 'privacy.clip_norm_lr' must be above 0 with privacy.adaptive_clipping, "
+                              f"got {p.clip_norm_lr!r}")
+        # the count's noise takes a share of z's budget: z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 needs z < 2 sigma_b
+        if p.target_epsilon == 0 and 0 < p.clipped_count_stddev <= p.noise_multiplier / 2:
+            raise ConfigError(f"config key 'privacy.clipped_count_stddev' ({p.clipped_count_stddev}) must exceed "
+                              f"privacy.noise_multiplier / 2 ({p.noise_multiplier / 2:g}) with "
+                              "privacy.adaptive_clipping (0 = max(clients sampled / 20, z))")
     if not 0 < p.delta < 1:
         raise ConfigError(f"config key 'privacy.delta' must be in (0, 1) with privacy.enabled, got {p.delta!r}")
     if cfg.federation.aggregation != "mean":

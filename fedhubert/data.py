@@ -44,26 +44,57 @@ def derive_seed(*parts: int | str) -> int:
 # Reading a split
 # ---------------------------------------------------------------------------------------------------
 
-def read_manifest(tsv: Path) -> tuple[Path, list[str], list[int]]:
-    """(audio root, relative paths, num_samples) of a fairseq ``.tsv`` manifest."""
-    if not tsv.is_file():
-        raise DataError(f"manifest not found: {tsv}")
-    lines = tsv.read_text().splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{tsv}: line 1 must hold the audio root directory")
-    root, paths, sizes = Path(lines[0].strip()), [], []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
+MAX_NUM_SAMPLES = 2**31 - 1  # 37 h at 16 kHz: a longer "utterance" is a corrupt manifest, not speech
+
+
+def read_text(path: Path, what: str) -> str:
+    """``path`` as UTF-8 text; a missing, unreadable or non-UTF-8 file is a DataError naming the file (and
+    the line of the first bad byte)."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
+
+
+def numbered_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, text) of every non-blank line of ``path`` (:func:`read_text`), numbered as an editor
+    does (by ``\\n``)."""
+    lines = read_text(path, what).split("\n")
+    return [(n, line.rstrip("\r")) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def manifest_entries(tsv: Path) -> tuple[Path, list[tuple[int, str, int]]]:
+    """(audio root, [(line number, relative path, num_samples)]) of a fairseq ``.tsv`` manifest; every
+    malformed line is a DataError naming the file and line."""
+    lines = numbered_lines(tsv, "manifest")
+    if not lines or lines[0][0] != 1:
+        raise DataError(f"{tsv}:1: line 1 must hold the audio root directory")
+    root, entries = Path(lines[0][1].strip()), []
+    for lineno, line in lines[1:]:
         fields = line.split("\t")
-        if len(fields) != 2 or not fields[1].strip().isdigit():
+        size_text = fields[-1].strip()
+        if len(fields) != 2 or not fields[0] or not (size_text.isascii() and size_text.isdigit()):
             raise DataError(f"{tsv}:{lineno}: expected 'relative/path<TAB>num_samples', got {line!r}")
-        size = int(fields[1])
+        size = int(size_text)
         if size < FRAME_LENGTH:
             raise DataError(f"{tsv}:{lineno}: {size} samples is shorter than one frame ({FRAME_LENGTH})")
-        paths.append(fields[0])
-        sizes.append(size)
-    return root, paths, sizes
+        if size > MAX_NUM_SAMPLES:
+            raise DataError(f"{tsv}:{lineno}: {size} samples is more than {MAX_NUM_SAMPLES}; rebuild the manifest")
+        entries.append((lineno, fields[0], size))
+    return root, entries
+
+
+def read_manifest(tsv: Path) -> tuple[Path, list[str], list[int]]:
+    """(audio root, relative paths, num_samples) of a fairseq ``.tsv`` manifest."""
+    root, entries = manifest_entries(tsv)
+    return root, [path for _, path, _ in entries], [size for _, _, size in entries]
 
 
 def read_labels(km: Path, sizes: list[int], num_clusters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,27 +102,43 @@ def read_labels(km: Path, sizes: list[int], num_clusters: int) -> tuple[np.ndarr
 
     Checks one line per manifest entry, ``num_frames(num_samples)`` ids per line and ids in
     ``[0, num_clusters)``; every failure names the file and line."""
-    if not km.is_file():
-        raise DataError(f"label file not found: {km}")
-    lines = [line for line in km.read_text().splitlines() if line.strip()]
+    lines = numbered_lines(km, "label file")
     if len(lines) != len(sizes):
-        raise DataError(f"{km}: {len(lines)} label lines but the manifest lists {len(sizes)} utterances")
+        where = lines[len(sizes)][0] if len(lines) > len(sizes) else (lines[-1][0] + 1 if lines else 1)
+        raise DataError(f"{km}:{where}: {len(lines)} label lines but the manifest lists {len(sizes)} utterances")
     counts = np.array([num_frames(n) for n in sizes], dtype=np.int64)
     starts = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
-    flat = np.empty(int(starts[-1]), dtype=np.int16 if num_clusters <= 2**15 else np.int32)
-    for i, line in enumerate(lines):
+    parts = []  # checked line by line before anything the size of the manifest's promise is allocated
+    for (lineno, line), count, size in zip(lines, counts, sizes):
         try:
             ids = np.array(line.split(), dtype=np.int64)
-        except ValueError:
-            raise DataError(f"{km}:{i + 1}: labels must be integers") from None
-        if len(ids) != counts[i]:
-            raise DataError(f"{km}:{i + 1}: {len(ids)} labels, expected num_frames({sizes[i]}) = {counts[i]}")
+        except (ValueError, OverflowError):
+            raise DataError(f"{km}:{lineno}: labels must be integers") from None
+        if len(ids) != count:
+            raise DataError(f"{km}:{lineno}: {len(ids)} labels, expected num_frames({size}) = {count}")
         if len(ids) and (ids.min() < 0 or ids.max() >= num_clusters):
-            raise DataError(f"{km}:{i + 1}: cluster id out of range [0, {num_clusters}) "
+            raise DataError(f"{km}:{lineno}: cluster id out of range [0, {num_clusters}) "
                             f"(model.vocab_size {num_clusters + NUM_SPECIAL_SYMBOLS})")
-        flat[starts[i]:starts[i + 1]] = ids
+        parts.append(ids.astype(np.int16 if num_clusters <= 2**15 else np.int32))
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int16)
     return flat, starts
+
+
+def check_client_data(folder: Path, num_clusters: int | None, splits: tuple[str, ...] = ("train", "valid")) -> None:
+    """What a client will read, checked before a stage writes or starts anything: every ``<split>.tsv``,
+    that every audio file it lists exists, and (unless ``num_clusters`` is None: no labels yet) its
+    ``<split>.km`` with ids in ``[0, num_clusters)``. One DataError naming the file and line at the first
+    problem."""
+    for split in splits:
+        tsv = folder / f"{split}.tsv"
+        root, entries = manifest_entries(tsv)
+        if num_clusters is not None:
+            read_labels(folder / f"{split}.km", [size for _, _, size in entries], num_clusters)
+        for lineno, rel, _ in entries:
+            if not (root / rel).is_file():
+                raise DataError(f"{tsv}:{lineno}: audio file {root / rel} not found; rebuild the partitions "
+                                f"(partition_data.py) or restore the file")
 
 
 def majority_share(labels: np.ndarray) -> float:

@@ -25,7 +25,7 @@ import torch
 from fedhubert.centralized import federated_budget, train_centralized
 from fedhubert.checkpoint import load_checkpoint, save_checkpoint
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
-from fedhubert.data import majority_share, make_loader, read_labels, read_manifest
+from fedhubert.data import check_client_data, majority_share, make_loader, read_labels, read_manifest
 from fedhubert.distill import STUDENT
 from fedhubert.errors import DataError
 from fedhubert.eval_sets import ProbeSet, keyword_set, speaker_set
@@ -200,14 +200,29 @@ def targets_quality(cfg: Config, out: Path) -> dict[str, Any]:
     return result
 
 
-def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: int | None = None) -> dict[str, Any]:
-    """Measures every row on the same data and writes evaluation.json, .md and .png. Returns the results.
-    ``federated_round``: evaluate that round's global model instead of the best one (see row_specs)."""
+# What an evaluation reads: --overwrite never moves a folder holding one of them aside
+EVALUATION_INPUTS = ("data.librispeech_root", "data.partitions_dir", "federation.checkpoint_dir",
+                     "distillation.checkpoint_dir", "distillation.teacher_model_path", "evaluation.centralized_init",
+                     "kmeans.checkpoint", "federation.init_checkpoint")
+
+
+def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: int | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Measures every row on the same data and writes evaluation.json (with the config), .md and .png.
+    Returns the results. ``federated_round``: evaluate that round's global model instead of the best one
+    (see row_specs). An output folder evaluated with another config (but the rows and the device) is
+    refused, or with ``overwrite`` moved aside (rundir.check_earlier_output): a rerun of the same config
+    replaces the table whole; the centralized model and caches are reused while their fingerprints hold."""
+    from fedhubert.federation.rundir import check_earlier_output
     from fedhubert.report import write_report
 
     out = Path(cfg.evaluation.output_dir)
+    check_earlier_output(cfg, out, out / "evaluation.json", "evaluation.output_dir", EVALUATION_INPUTS, overwrite,
+                         ignore=("evaluation.rows", "training.device"))
     rows = list(rows or cfg.evaluation.rows)
     device = resolve_device(cfg.training.device)
+    for k in range(cfg.partition.num_clients):  # masked prediction and the targets' quality read them: check them first
+        check_client_data(Path(cfg.data.partitions_dir) / f"client_{k}", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
     started = time.perf_counter()
     sets: dict[str, ProbeSet] = {"speaker": speaker_set(cfg), "keyword": keyword_set(cfg, out / "cache" / "espeak")}
     specs = row_specs(cfg, out, rows, federated_round)
@@ -224,6 +239,7 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: 
         results.append(row)
         log.info("evaluated %s in %.1f s", spec.name, time.perf_counter() - t0)
     report = {"rows": results, "targets": targets_quality(cfg, out), "seed": cfg.seed, "crop_seconds": crop_seconds,
+              "config": cfg.to_dict(),
               "federated_round": federated_round,
               "data": {name: {"clips": len(s), "test_clips": int(sum(s.is_test)), "classes": len(set(s.labels)),
                               "seconds": s.seconds(cfg.data.sample_rate)} for name, s in sets.items()},

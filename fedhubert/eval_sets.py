@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from fedhubert.audio import load_audio
 from fedhubert.config import FRAME_LENGTH, Config
+from fedhubert.data import read_text
 from fedhubert.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,23 @@ class ProbeSet:
         return sum(len(w) for w in self.waveforms) / sample_rate
 
 
+CSV_NEEDS = ("utt_id", "speaker", "path")  # the manifest.csv columns the speaker set reads
+
+
 def _csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    """The rows of a manifest .csv; a file that is not UTF-8 CSV with CSV_NEEDS filled in on every row is
+    a DataError naming the file and line."""
+    reader = csv.DictReader(io.StringIO(read_text(path, "manifest"), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if any(not row.get(column) for column in CSV_NEEDS):
+                raise DataError(f"{path}:{reader.line_num}: needs the columns {', '.join(CSV_NEEDS)} filled in; "
+                                "rerun partition_data.py")
+            rows.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not CSV ({exc}); rerun partition_data.py") from None
+    return rows
 
 
 def speaker_utterances(cfg: Config) -> tuple[list[dict[str, str]], str]:

@@ -120,6 +120,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     atomic_write_text(out / "evaluation.md", "# Evaluation\n\n" + table)
     plot(report, out / "evaluation.png")
     curves = plot_curves(report, out / "learning_curves.png")
+    if not curves:  # an earlier run's curves must not sit beside this table
+        (out / "learning_curves.png").unlink(missing_ok=True)
     print(table, flush=True)
     log.info("wrote %s, %s, %s%s", out / "evaluation.json", out / "evaluation.md", out / "evaluation.png",
              f" and {out / 'learning_curves.png'}" if curves else "")

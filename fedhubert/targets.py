@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from fedhubert.audio import load_audio
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config, num_frames
-from fedhubert.data import derive_seed, read_manifest
+from fedhubert.data import check_client_data, derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.features import HubertFeatures, MfccFeatures, feature_threads, make_features
 from fedhubert.fileio import atomic_open, atomic_path
@@ -208,7 +208,7 @@ def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmean
                         "run generate_kmeans_targets.py with kmeans.codebook=federated first (or use kmeans.codebook=local)")
     try:
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         raise DataError(f"{path} is not a readable codebook ({exc}): rerun generate_kmeans_targets.py") from None
     if len(shape) != 2 or shape[0] < 2:
         raise DataError(f"{path}: shape {tuple(shape)} is not a [K, D] codebook: rerun generate_kmeans_targets.py")
@@ -241,7 +241,7 @@ def read_targets(partitions_dir: str | Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict):
         raise DataError(f"{path} is not a JSON object: rerun generate_kmeans_targets.py")
@@ -295,8 +295,10 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         raise DataError(f"{summary_path} not found: run partition_data.py with the same config first")
     try:
         made = json.loads(summary_path.read_text())
-    except ValueError:
-        raise DataError(f"{summary_path} is not valid JSON: rerun partition_data.py") from None
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+        made = None
+    if not isinstance(made, dict):
+        raise DataError(f"{summary_path} is not a JSON object: rerun partition_data.py")
     for key, field, have in (("partition.num_clients", "num_clients", cfg.partition.num_clients),
                              ("data.sample_rate", "sample_rate", cfg.data.sample_rate)):
         was = made.get(field)
@@ -309,9 +311,8 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
                           f"drop --clients (or use kmeans.codebook=local)")
     ids = parse_clients(clients, cfg.partition.num_clients)
     features = make_features(cfg)  # kmeans.checkpoint and kmeans.layer are checked here, before any fitting
-    for k in ids:  # fail before any fitting if a manifest is missing
-        for s in SPLITS:
-            read_manifest(client_dir(out, k) / f"{s}.tsv")
+    for k in ids:  # fail before anything is fitted or removed if a manifest or an audio file it lists is bad
+        check_client_data(client_dir(out, k), None, SPLITS)  # no labels yet: this stage makes them
     record = targets_record(cfg, features)
     if features.iteration > 1:
         log.info("iteration %d targets: layer %d of %d of %s (SHA-1 %s)", features.iteration, features.layer,

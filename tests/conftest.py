@@ -227,3 +227,14 @@ def tiny_distillation(federated_partitions, tiny_pretraining, tmp_path_factory):
     teacher = teacher_path(tiny_pretraining)
     before = hashlib.sha1(teacher.read_bytes()).hexdigest(), torch.load(teacher, weights_only=True)["model_weight"]
     return cfg, run_federated_distillation(cfg), before
+
+
+@pytest.fixture
+def processes():
+    """Processes of a deployment test (deployment_helpers.start): every group is stopped at the end,
+    also when the test fails."""
+    from deployment_helpers import stop_all
+
+    started: list[subprocess.Popen] = []
+    yield started
+    stop_all(started)

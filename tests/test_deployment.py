@@ -11,9 +11,7 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,48 +19,9 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, copy_corpus, make_config
+from deployment_helpers import BIN, flwr_env, free_port, start as start_process, wait_for_port
 from fedhubert.partition import partition_corpus
 from fedhubert.targets import generate_targets
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"port {port} did not open:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture
-def processes():
-    """Started processes, each in its own process group; all groups are stopped at the end."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in started:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        try:  # children (flwr-serverapp / flwr-clientapp / superexec) share the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def make_credentials(folder: Path) -> None:
@@ -97,25 +56,18 @@ def test_two_supernodes_one_round_on_loopback(tmp_path, processes, secure):
     if not federated_codebook:  # else the federation makes the targets, below
         generate_targets(cfg)
 
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     link_port = free_port()
     certs = tmp_path / "certs"
     if secure:
         make_credentials(certs)
-    (tmp_path / "flwr-home").mkdir()
-    (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
-        + (f'root-certificates = "{certs / "ca.crt"}"\n' if secure else "insecure = true\n"))
+    env = flwr_env(tmp_path, link_port, certs if secure else None)
     link_security = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
                       "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"] if secure
                      else ["--insecure"])
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO, start_new_session=True)
-        processes.append(proc)
-        return proc, log
+        return start_process(processes, env, log, *args), log
 
     link, link_log = start("superlink", "flower-superlink", *link_security, "--host", "127.0.0.1",
                            "--port", str(link_port))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,3 +270,116 @@ def test_every_script_stops_in_one_line_before_writing(script, override, key, tm
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], lines
     assert not out.exists()
+
+
+# --- federated k-means: its outputs in data.partitions_dir are replaced whole, never paired with another run's
+
+def test_a_kmeans_rerun_replaces_every_output_of_the_earlier_run(tmp_path):
+    """The partitions folder holds the data too, so k-means cannot move it aside: a rerun (here another
+    kmeans.n_clusters) rewrites kmeans_metrics.jsonl from round 0 (never appends), and codebook.npy and
+    targets.json are its own. In-process (fake_grid.KmeansClients): no simulation."""
+    from fake_grid import read_jsonl, run_kmeans
+    from fedhubert.fileio import file_sha1
+
+    run_kmeans(tmp_path)
+    run_kmeans(tmp_path, None, "kmeans.n_clusters=10")
+    history = read_jsonl(tmp_path / "kmeans_metrics.jsonl")
+    assert [r["round"] for r in history] == [0, 1, 2] and {r["n_clusters"] for r in history} == {10}
+    assert np.load(tmp_path / "codebook.npy").shape[0] == 10
+    targets = json.loads((tmp_path / "targets.json").read_text())
+    assert targets["n_clusters"] == 10 and targets["codebook_sha1"] == file_sha1(tmp_path / "codebook.npy")
+
+
+def test_a_failed_kmeans_rerun_leaves_no_earlier_codebook_beside_its_metrics(tmp_path):
+    """A rerun that fails leaves its own kmeans_metrics.jsonl and neither the earlier run's codebook nor its
+    targets.json: a federated head then refuses in one line instead of training on labels of two runs."""
+    from fake_grid import kmeans_cfg, read_jsonl, run_kmeans
+    from fedhubert.errors import DataError
+    from fedhubert.federation.kmeans_app import STATS
+    from fedhubert.targets import check_codebook
+
+    run_kmeans(tmp_path)
+    before = (tmp_path / "codebook.npy").read_bytes()
+    with pytest.raises(FederationError, match="k-means round 2: 1 of 3 clients succeeded"):
+        run_kmeans(tmp_path, {(STATS, 2, 0): "raise", (STATS, 2, 1): "raise"}, "kmeans.n_clusters=10")
+    assert [(r["round"], r["n_clusters"]) for r in read_jsonl(tmp_path / "kmeans_metrics.jsonl")] == [(0, 10), (1, 10)]
+    assert not (tmp_path / "codebook.npy").exists() and not (tmp_path / "targets.json").exists() and before
+    with pytest.raises(DataError) as err:
+        check_codebook(kmeans_cfg(tmp_path))
+    one_line(str(err.value), str(tmp_path / "codebook.npy"), "generate_kmeans_targets.py")
+
+
+# --- the evaluation: one config per evaluation.output_dir ------------------------------------------------
+
+def evaluation_folder(cfg: Config, folder: Path) -> dict[str, bytes]:
+    """What evaluate.py leaves: evaluation.json recording ``cfg``, the table, the charts, a cached model."""
+    (folder / "centralized").mkdir(parents=True)
+    (folder / "centralized" / "model.pt").write_bytes(b"an expensive centralized model")
+    (folder / "evaluation.json").write_text(json.dumps({"rows": [], "config": cfg.to_dict()}))
+    for name in ("evaluation.md", "evaluation.png", "learning_curves.png"):
+        (folder / name).write_bytes(b"earlier " + name.encode())
+    return snapshot(folder)
+
+
+def test_an_evaluation_of_another_config_refuses_and_overwrite_moves_it_aside(tmp_path):
+    from fedhubert.eval_rows import EVALUATION_INPUTS, run_evaluation
+    from fedhubert.federation.rundir import check_earlier_output
+
+    folder = tmp_path / "eval"
+    made = device_config(f"evaluation.output_dir={folder}")
+    before = evaluation_folder(made, folder)
+    other = device_config(f"evaluation.output_dir={folder}", "model.hidden_size=64")
+    with pytest.raises(ConfigError) as err:
+        run_evaluation(other)  # refused before any data is read: /x and /y do not exist
+    one_line(str(err.value), str(folder), "evaluation.json: model.hidden_size", "evaluation.output_dir",
+             "--overwrite")
+    assert snapshot(folder) == before
+
+    def check(cfg: Config, overwrite: bool = False) -> None:
+        check_earlier_output(cfg, folder, folder / "evaluation.json", "evaluation.output_dir", EVALUATION_INPUTS,
+                             overwrite, ignore=("evaluation.rows", "training.device"))
+
+    check(device_config(f"evaluation.output_dir={folder}", "evaluation.rows=[mfcc]", "training.device=cpu"))
+    assert snapshot(folder) == before  # the same config (other rows, another device): its table is replaced
+    reads_it = device_config(f"evaluation.output_dir={folder}", "model.hidden_size=64",
+                             f"evaluation.centralized_init={folder / 'centralized' / 'model.pt'}")
+    with pytest.raises(FederationError, match="evaluation.centralized_init"):
+        check(reads_it, overwrite=True)  # never moves away what the run reads
+    check(other, overwrite=True)
+    assert not folder.exists()
+    (moved,) = tmp_path.glob("eval.old-*")
+    assert snapshot(moved) == before
+
+
+def test_evaluate_py_refuses_another_config_with_exit_2_and_overwrite_moves_it(tmp_path, monkeypatch, capsys):
+    """evaluate.py's --overwrite, in-process (its imports cost ~30 s in a subprocess here)."""
+    import runpy
+
+    folder = tmp_path / "eval"
+    before = evaluation_folder(device_config(f"evaluation.output_dir={folder}"), folder)
+    sets = ["data.librispeech_root=/x", "data.partitions_dir=/y", "federation.checkpoint_dir=/z", *TINY,
+            f"evaluation.output_dir={folder}", "model.hidden_size=64"]
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *[a for s in sets for a in ("--set", s)]])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "evaluate.py"), run_name="__main__")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1 and "--overwrite" in lines[0], lines
+    assert snapshot(folder) == before
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--overwrite"])
+    with pytest.raises(SystemExit):  # moved aside, then the evaluation itself stops: /x holds no corpus
+        runpy.run_path(str(REPO / "evaluate.py"), run_name="__main__")
+    (moved,) = tmp_path.glob("eval.old-*")
+    assert snapshot(moved) == before
+
+
+def test_an_evaluation_without_curves_leaves_no_earlier_learning_curves(tmp_path):
+    from fedhubert.report import write_report
+
+    (tmp_path / "learning_curves.png").write_bytes(b"an earlier run's curves")
+    probe = {"best_accuracy": 0.5, "weighted_accuracy": 0.5, "best_layer": 0, "chance": 0.25, "eer": 0.2}
+    row = {"name": "mfcc", "parameters": 0, "examples": 0, "compute_audio_hours": 0.0, "speaker_id": probe,
+           "speaker_verification": probe, "keyword": probe, "masked_prediction": None, "curve": None,
+           "health": {"min_effective_rank": 3.0, "max_mean_cosine": 0.1}}
+    data = {"clips": 4, "seconds": 4.0, "classes": 2, "test_clips": 2}
+    write_report({"rows": [row], "data": {"speaker": data, "keyword": data}, "crop_seconds": 1.0}, tmp_path)
+    assert (tmp_path / "evaluation.md").is_file() and not (tmp_path / "learning_curves.png").exists()

@@ -62,6 +62,7 @@ class ServerAggregation(FedAvg):
     privacy: PrivateAggregation | None = None
     global_arrays: dict[str, np.ndarray] | None = None  # x_t: what this round's clients started from
     num_sampled: int = 0
+    norm_bits: dict[int, bool]  # per node: "my update was clipped", from adaptiveclipping_mod (strategy.py's _screen)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
@@ -80,7 +81,9 @@ class ServerAggregation(FedAvg):
         contents = [msg.content for msg in valid]
         models = [{k: a.numpy() for k, a in content[self.arrayrecord_key].items()} for content in contents]
         if self.privacy is not None:
-            combined = self.privacy.aggregate(models, self.global_arrays, self.num_sampled)
+            clipped = ([self.norm_bits[msg.metadata.src_node_id] for msg in valid] if self.privacy.bits_from_clients
+                       else None)
+            combined = self.privacy.aggregate(models, self.global_arrays, self.num_sampled, clipped)
         else:
             if self.aggregation == "trimmed_mean" and trimmed_per_side(len(models), self.trim_fraction) == 0:
                 log.warning("round %d: trimmed_mean with federation.trim_fraction %g cuts no client of %d: this "

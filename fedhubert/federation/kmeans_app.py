@@ -21,11 +21,19 @@ Deployment: the project's one ClientApp (client_app.py) answers these messages t
 runs :func:`run_kmeans_server` for ``task = "kmeans"``, so ``flwr run . --run-config 'task="kmeans"'``
 needs no other app declaration; ``clientapp`` here is the same handlers alone.
 
-A client that raises or replies with unusable numbers is left out of that step with a warning; a
-step goes on while ``federation.min_fit_clients`` succeed; the initialisation and the labelling go
-to all ``partition.num_clients`` clients, and labelling needs every one of them. The
-server writes ``codebook.npy``, ``kmeans_metrics.jsonl`` (one line per round) and ``targets.json``
-(targets.write_targets) under ``data.partitions_dir``, and one console line per round.
+Every reply goes through the checks pretraining's replies go through (replies.screen, against
+:func:`_expected`: records, array names, shapes and dtypes from their headers before any array is
+read, integer metrics, one reply per node and partition, no late reply), then its numbers are checked
+(finite, non-negative counts that add up). A client that raises, times out or fails a check is left out
+of that step with a warning and its reason in kmeans_metrics.jsonl's ``failures``; a step goes on while
+``federation.min_fit_clients`` succeed, else the run stops with one line naming every failure; the
+initialisation and the labelling go to all ``partition.num_clients`` clients, and labelling needs every
+one of them. The server writes ``kmeans_metrics.jsonl`` (one line per round, rewritten whole: a rerun
+never appends to an earlier run's), and once every client has labelled its splits ``codebook.npy`` and
+``targets.json`` (targets.write_targets), under ``data.partitions_dir``, and one console line per round.
+A run first removes an earlier run's ``codebook.npy`` and ``targets.json``: a run that fails leaves
+neither, so no training stage pairs its labels with another run's codebook (targets.check_codebook
+refuses).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from fedhubert.config import Config
 from fedhubert.data import derive_seed
 from fedhubert.errors import DataError, FederationError
 from fedhubert.federation.metrics import write_jsonl
+from fedhubert.federation.replies import Dim, Sent, screen, timed_out
 from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
@@ -65,6 +74,11 @@ INIT, STATS, LABEL = "train.kmeans_init", "train.kmeans_stats", "query.kmeans_la
 
 # --- the wire ------------------------------------------------------------------------------------
 
+def init_record(centres: np.ndarray, counts: np.ndarray) -> ArrayRecord:
+    """A client's k-FED reply: its float32 local centres and their int64 counts."""
+    return ArrayRecord({"centres": Array(centres.astype(np.float32)), "counts": Array(counts.astype(np.int64))})
+
+
 def stats_record(stats: fedkmeans.ClusterStats) -> ArrayRecord:
     """A client's round reply: float32 sums, int64 counts, float64 inertia, int64 frame count."""
     return ArrayRecord({"sums": Array(stats.sums.astype(np.float32)), "counts": Array(stats.counts.astype(np.int64)),
@@ -72,16 +86,18 @@ def stats_record(stats: fedkmeans.ClusterStats) -> ArrayRecord:
                         "num_frames": Array(np.array([stats.num_frames], np.int64))})
 
 
-def stats_from_record(record: ArrayRecord, k: int, d: int) -> fedkmeans.ClusterStats:
-    """The statistics of a reply, in float64; ValueError (the reason) when they are unusable."""
+def stats_from_record(record: ArrayRecord) -> fedkmeans.ClusterStats:
+    """The statistics of a reply whose arrays passed :func:`_expected` (names, shapes, dtypes), in
+    float64; ValueError (the reason) when they are unusable."""
     a = {name: record[name].numpy() for name in ("sums", "counts", "inertia", "num_frames")}
-    if a["sums"].shape != (k, d) or a["counts"].shape != (k,):
-        raise ValueError(f"statistics of shape {a['sums'].shape}/{a['counts'].shape}, expected ({k}, {d})/({k},)")
     stats = fedkmeans.ClusterStats(a["sums"].astype(np.float64), a["counts"].astype(np.int64),
                                    float(a["inertia"][0]), int(a["num_frames"][0]))
     if not all_finite([stats.sums, stats.inertia]):
         raise ValueError("statistics contain NaN/Inf")
-    if (stats.counts < 0).any() or stats.counts.sum() != stats.num_frames or stats.inertia < 0:
+    if (stats.counts < 0).any() or stats.num_frames < 0 or stats.inertia < 0:
+        raise ValueError(f"negative statistics (counts down to {stats.counts.min()}, num_frames {stats.num_frames}, "
+                         f"inertia {stats.inertia:g})")
+    if stats.counts.sum() != stats.num_frames:
         raise ValueError(f"counts (sum {stats.counts.sum()}) do not add up to num_frames {stats.num_frames}")
     return stats
 
@@ -138,7 +154,7 @@ def kmeans_init(msg: Message, context: Context) -> Message:
         sample = fedkmeans.reservoir_sample(_utterances(train, fit), INIT_MAX_FRAMES,
                                             np.random.default_rng(derive_seed(seed, "sample")))
     centres, counts = fedkmeans.local_centres(sample, cfg.kmeans.k_local or cfg.kmeans.n_clusters, seed, INIT_MAX_FRAMES)
-    arrays = ArrayRecord({"centres": Array(centres.astype(np.float32)), "counts": Array(counts.astype(np.int64))})
+    arrays = init_record(centres, counts)
     # num-frames: the frames this client fits on (kmeans.percent of its train-frames), which set K
     return _reply(msg, {"partition-id": pid, "num-frames": train.frames_of(fit), "train-frames": train.num_frames},
                   arrays)
@@ -168,55 +184,71 @@ def kmeans_label(msg: Message, context: Context) -> Message:
 
 # --- the ServerApp -------------------------------------------------------------------------------
 
-def _exchange(grid: Grid, cfg: Config, rnd: int, nodes: list[int], message_type: str,
-              arrays: ArrayRecord | None, parse: Callable[[Message], Any], need: int,
-              what: str) -> tuple[dict[int, Any], RoundReport]:
-    """Sends one message to each of ``nodes`` (its config: the run's and ``server-round`` = ``rnd``); returns {partition id: parse(reply)} of the good replies
-    and the step's report. A reply that is an error, or that ``parse`` rejects (ValueError), is left
-    out with a warning; FederationError when fewer than ``need`` are good."""
-    report = RoundReport(sampled=len(nodes))
-    config = config_record(cfg, **{"server-round": rnd})
+def _expected(message_type: str, rnd: int, nodes: list[int], k_local: int, n_clusters: int, dim: int) -> Sent:
+    """What every reply of one step must be (replies.screen checks it before anything is decoded): the
+    arrays and integer metrics our ClientApp above sends, their sizes bounded by the codebook's."""
+    arrays: dict[str, tuple[tuple[Dim, ...], str]] = {}
+    counts: tuple[str, ...] = ("num-frames", "train-frames")
+    if message_type == INIT:  # a client with fewer distinct frames than k_local sends fewer centres
+        arrays = {"centres": ((range(1, k_local + 1), dim), "float32"), "counts": ((range(1, k_local + 1),), "int64")}
+    elif message_type == STATS:
+        arrays, counts = {"sums": ((n_clusters, dim), "float32"), "counts": ((n_clusters,), "int64"),
+                          "inertia": ((1,), "float64"), "num_frames": ((1,), "int64")}, ()
+    else:
+        counts = ("train-frames", "train-utterances", "valid-utterances")
+    return Sent(rnd, message_type, nodes, arrays, weight=None, counts=counts, dtype_source="kmeans_app's wire format")
+
+
+def _exchange(grid: Grid, cfg: Config, sent: Sent, arrays: ArrayRecord | None, parse: Callable[[Message], Any],
+              need: int, what: str) -> tuple[dict[int, Any], RoundReport]:
+    """Sends one message to each of ``sent.nodes`` (its config: the run's and ``server-round`` =
+    ``sent.round``); returns {partition id: parse(reply)} of the good replies and the step's report. A
+    reply that is an error, late, fails replies.screen's checks against ``sent``, or that ``parse``
+    rejects (ValueError) is left out with a warning; FederationError when fewer than ``need`` are good."""
+    report = RoundReport(sampled=len(sent.nodes))
+    config = config_record(cfg, **{"server-round": sent.round})
     messages = []
-    for node in nodes:
+    for node in sent.nodes:
         content = RecordDict({"config": config})
         if arrays is not None:
             content["arrays"] = arrays
             report.bytes_sent[node] = payload_bytes(arrays)
-        messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
-    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+        # group_id: a reply carries it back, so a late one to an earlier step is recognised (replies.stale_reason)
+        messages.append(Message(content=content, dst_node_id=node, message_type=sent.message_type,
+                                group_id=str(sent.round)))
+    sent.metadata = [m.metadata for m in messages]  # the Grid's push sets their ids (replies.stand_in_error)
+    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+    kept, answered = screen(replies, sent, report.failed, report.ignored)
     good: dict[int, Any] = {}
-    for msg in replies:
-        if msg.has_error():
-            last = [line for line in str(msg.error.reason).splitlines() if line.strip()][-1:]  # not Ray's traceback
-            report.failed.append((f"node {msg.metadata.src_node_id}", f"client raised: {''.join(last).strip()}"))
-            continue
-        pid = int(msg.content["metrics"]["partition-id"])
+    for pid, msg in kept.items():
         if "arrays" in msg.content:
             report.bytes_received[pid] = payload_bytes(msg.content["arrays"])
         try:
             good[pid] = parse(msg)
-        except (ValueError, KeyError) as exc:
+        except ValueError as exc:
             report.failed.append((f"client {pid}", str(exc)))
-    answered = {msg.metadata.src_node_id for msg in replies}
-    report.failed += [(f"node {n}", "no reply within federation.round_timeout") for n in nodes if n not in answered]
+    report.failed += timed_out(sent, answered, cfg.federation.round_timeout)
     for who, why in report.failed:
         log.warning("k-means %s: left out: %s: %s", what, who, why)
+    for who, why in report.ignored:
+        log.warning("k-means %s: %s: %s", what, who, why)
     report.succeeded = sorted(good)
     if len(good) < need:
-        raise FederationError(f"k-means {what}: {len(good)} of {len(nodes)} clients succeeded, {need} needed "
+        raise FederationError(f"k-means {what}: {len(good)} of {len(sent.nodes)} clients succeeded, {need} needed "
                               f"({'; '.join(f'{w}: {r}' for w, r in report.failed) or 'no replies'}); stopping")
     return dict(sorted(good.items())), report
 
 
-def _parse_init(dim: int) -> Callable[[Message], tuple[np.ndarray, np.ndarray, int]]:
-    def parse(msg: Message) -> tuple[np.ndarray, np.ndarray, int]:
-        centres, counts = msg.content["arrays"]["centres"].numpy(), msg.content["arrays"]["counts"].numpy()
-        if centres.ndim != 2 or centres.shape[1] != dim or counts.shape != (len(centres),) or not len(centres):
-            raise ValueError(f"local centres of shape {centres.shape} (counts {counts.shape}), expected [k, {dim}]")
-        if not all_finite([centres]) or (counts < 0).any():
-            raise ValueError("local centres contain NaN/Inf or negative counts")
-        return centres, counts, int(msg.content["metrics"]["num-frames"])
-    return parse
+def _parse_init(msg: Message) -> tuple[np.ndarray, np.ndarray, int]:
+    """(centres, counts, fitted frames) of an initialisation reply that passed :func:`_expected`."""
+    centres, counts = msg.content["arrays"]["centres"].numpy(), msg.content["arrays"]["counts"].numpy()
+    if counts.shape != (len(centres),):
+        raise ValueError(f"{len(centres)} local centres but {len(counts)} counts")
+    if not all_finite([centres]):
+        raise ValueError("local centres contain NaN/Inf")
+    if (counts < 0).any():
+        raise ValueError(f"local centres' counts are negative (down to {counts.min()})")
+    return centres, counts, int(msg.content["metrics"]["num-frames"])
 
 
 def _step(report: RoundReport, **values: Any) -> dict[str, Any]:
@@ -224,6 +256,7 @@ def _step(report: RoundReport, **values: Any) -> dict[str, Any]:
     up = {str(pid): report.bytes_received.get(pid, 0) for pid in report.succeeded}
     return {**values, "clients_sampled": report.sampled, "clients_ok": len(report.succeeded),
             "clients_failed": len(report.failed), "failures": [f"{w}: {r}" for w, r in report.failed],
+            "ignored": [f"{w}: {r}" for w, r in report.ignored],
             "bytes_up_per_client": up, "bytes_up_total": sum(up.values()),
             "bytes_down_per_client": next(iter(report.bytes_sent.values()), 0)}
 
@@ -245,7 +278,12 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     out = Path(cfg.data.partitions_dir)
     features = make_features(cfg)
     dim, need = features.dim, f.min_fit_clients
-    (out / TARGETS_FILE).unlink(missing_ok=True)  # written again once every client has labelled its splits
+    # An earlier run's codebook and record go first: written again once every client has labelled its
+    # splits, so the folder never pairs this run's kmeans_metrics.jsonl or labels with another run's codebook
+    for name in (TARGETS_FILE, CODEBOOK_FILE):
+        if (out / name).exists():
+            log.info("k-means: removing the earlier run's %s (written again when this run has finished)", out / name)
+            (out / name).unlink()
     history: list[dict[str, Any]] = []
 
     def add(record: dict[str, Any], t0: float) -> None:
@@ -257,7 +295,9 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Every client takes part in the initialisation and the labelling: wait for all of them to connect.
     _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
-    local, report = _exchange(grid, cfg, 0, sorted(nodes), INIT, None, _parse_init(dim), need, "initialisation")
+    k_local = k.k_local or k.n_clusters
+    local, report = _exchange(grid, cfg, _expected(INIT, 0, sorted(nodes), k_local, 0, dim), None, _parse_init, need,
+                              "initialisation")
     total_frames = sum(frames for _, _, frames in local.values())  # the frames k-means is fitted on
     n_clusters = cluster_count(total_frames, cfg, "the clients together")
     try:
@@ -274,8 +314,8 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
         random.seed(derive_seed(cfg.seed, "kmeans-sample", rnd))  # Flower's sample_nodes draws with `random`
         size = min(len(nodes), max(need, int(len(nodes) * f.fraction_fit)))
         sampled, nodes = sample_nodes(grid, f.min_available_clients, size)
-        stats, report = _exchange(grid, cfg, rnd, sorted(sampled), STATS, codebook_record(codebook),
-                                  lambda m: stats_from_record(m.content["arrays"], n_clusters, dim), need,
+        stats, report = _exchange(grid, cfg, _expected(STATS, rnd, sorted(sampled), k_local, n_clusters, dim),
+                                  codebook_record(codebook), lambda m: stats_from_record(m.content["arrays"]), need,
                                   f"round {rnd}")
         total = sum(stats.values(), fedkmeans.ClusterStats.zeros(n_clusters, dim))
         if total.num_frames == 0:
@@ -295,18 +335,19 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
             break
         prev = per_frame
 
-    with atomic_open(out / CODEBOOK_FILE, "wb") as handle:
-        np.save(handle, codebook)
-    log.info("k-means: wrote %s (%d x %d, %s after %d rounds); the clients label their splits", out / CODEBOOK_FILE,
-             n_clusters, dim, "converged" if converged else "kmeans.max_rounds reached", len(history) - 1)
+    log.info("k-means: codebook %d x %d (%s after %d rounds); the clients label their splits", n_clusters, dim,
+             "converged" if converged else "kmeans.max_rounds reached", len(history) - 1)
     _, nodes = sample_nodes(grid, cfg.partition.num_clients, 0)
     nodes = sorted(nodes)
-    labelled, _ = _exchange(grid, cfg, len(history), nodes, LABEL, codebook_record(codebook),
-                            lambda m: dict(m.content["metrics"]), len(nodes), "labelling")
+    labelled, _ = _exchange(grid, cfg, _expected(LABEL, len(history), nodes, k_local, n_clusters, dim),
+                            codebook_record(codebook), lambda m: dict(m.content["metrics"]), len(nodes), "labelling")
     clients = [{"client": pid, "n_clusters": n_clusters, "train_frames": int(m["train-frames"]),
                 "train_utterances": int(m["train-utterances"]), "valid_utterances": int(m["valid-utterances"])}
                for pid, m in labelled.items()]
     log.info("k-means: clients %s wrote train.km and valid.km (%d clusters)", sorted(labelled), n_clusters)
+    with atomic_open(out / CODEBOOK_FILE, "wb") as handle:  # only now: every client's labels are its ids
+        np.save(handle, codebook)
+    log.info("k-means: wrote %s", out / CODEBOOK_FILE)
     write_targets(out, targets_record(cfg, features), {pid: n_clusters for pid in labelled},
                   codebook_sha1=file_sha1(out / CODEBOOK_FILE))
     return {"codebook": str(out / CODEBOOK_FILE), "n_clusters": n_clusters, "converged": converged,

@@ -116,7 +116,9 @@ def progress_line(record: dict[str, Any]) -> str:
     if "clients_sampled" in record:
         parts.append(f"clients {record['clients_succeeded']}/{record['clients_sampled']} ok")
     if "privacy" in record:
-        parts.append(f"eps {_fmt(record['privacy']['epsilon'])} (delta {record['privacy']['delta']:g})")
+        figures = record["privacy"]
+        adaptive = f" C {_fmt(figures['clipping_norm'])}" if "next_clipping_norm" in figures else ""  # the C it used
+        parts.append(f"eps {_fmt(figures['epsilon'])} (delta {figures['delta']:g}){adaptive}")
     if "bytes_total" in record:
         parts.append(f"{record['bytes_total'] / 2**20:.1f} MiB")
     if "round_time_s" in record:

@@ -1,6 +1,8 @@
 """One checkpoint folder, one run. A fresh run never writes into a folder that holds an earlier run: it
 refuses, or (``--overwrite``) first renames that folder to ``<folder>.old-<time>``; nothing is ever
 deleted. ``--resume`` continues only a run whose checkpoints were made with a compatible config.
+The evaluation's folder follows the same rule per config (:func:`check_earlier_output`): a run of the
+config that made it replaces its table whole; a run of another config refuses, or moves it aside.
 
 The simulation checks this before Ray starts, and the ServerApp again before it writes anything (the
 only check of a deployment, ``flwr run``, whose run config carries ``resume`` and ``overwrite``).
@@ -8,6 +10,7 @@ only check of a deployment, ``flwr run``, whose run config carries ``resume`` an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -76,17 +79,22 @@ def prepare_checkpoint_dir(cfg: Config, task: FederatedTask, labels: dict[str, A
 
 
 def move_aside(cfg: Config, task: FederatedTask, folder: Path) -> Path:
+    """:func:`move_folder_aside` for a federated task: refuses when ``folder`` holds its data or teacher."""
+    return move_folder_aside(cfg, folder, task.input_keys, task.checkpoint_key)
+
+
+def move_folder_aside(cfg: Config, folder: Path, input_keys: tuple[str, ...], folder_key: str) -> Path:
     """Renames ``folder`` to ``<folder>.old-<YYYYmmdd-HHMMSS>[-n]`` beside it; refuses when the folder
-    holds something this run reads (its data, its teacher) or the working directory."""
+    holds something this run reads (a path of ``input_keys``) or the working directory."""
     values = cfg.to_dict()
-    reads = {key: dotted(values, key) for key in task.input_keys}
+    reads = {key: dotted(values, key) for key in input_keys}
     reads["the working directory"] = os.getcwd()
     here = folder.resolve()
     for key, value in reads.items():
         path = Path(value).resolve() if value else None
         if path is not None and (path == here or here in path.parents):
             raise FederationError(f"--overwrite would move {folder} aside, but it holds {key} ({path}), which "
-                                  f"this run needs: give this run another {task.checkpoint_key}")
+                                  f"this run needs: give this run another {folder_key}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, n = folder.with_name(f"{folder.name}.old-{stamp}"), 1
     while target.exists():  # never rename onto anything (an empty folder would be replaced)
@@ -95,6 +103,45 @@ def move_aside(cfg: Config, task: FederatedTask, folder: Path) -> Path:
     os.rename(folder, target)
     log.warning("--overwrite: moved the earlier run aside: %s -> %s", folder, target)
     return target
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two Config.to_dict()s (a key only one has counts)."""
+    keys = []
+    for name in sorted(set(saved) | set(current)):
+        a, b = saved.get(name), current.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{name}.")
+        elif a != b:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def check_earlier_output(cfg: Config, folder: Path, record: Path, folder_key: str, input_keys: tuple[str, ...],
+                         overwrite: bool, ignore: tuple[str, ...] = ()) -> None:
+    """For a stage whose outputs a rerun of the same config replaces whole (atomically, file by file), and
+    whose ``record`` (a JSON file in ``folder``) holds the ``config`` that made them: a run of another
+    config (any key but ``ignore``) refuses in one line, or with ``overwrite`` moves ``folder`` aside
+    (:func:`move_folder_aside`), so one folder never holds the tables or caches of two configs."""
+    if not record.is_file():
+        return
+    try:
+        saved = json.loads(record.read_text()).get("config")
+    except (ValueError, AttributeError):
+        saved = None
+    if isinstance(saved, dict):
+        differ = [key for key in changed_keys(saved, cfg.to_dict()) if key not in ignore]
+    else:
+        differ = ["its config is not recorded"]
+    if not differ:
+        return
+    if overwrite:
+        move_folder_aside(cfg, folder, input_keys, folder_key)
+        return
+    shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+    raise ConfigError(f"{folder} holds the outputs of another config ({record.name}: {shown}); this run would "
+                      f"replace them: give this run another {folder_key}, or pass --overwrite to move the earlier "
+                      "outputs aside")
 
 
 def _labels(extras: dict[str, Any]) -> str:

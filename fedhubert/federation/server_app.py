@@ -86,6 +86,8 @@ def _round_record(rnd: int, train: dict | None, val: dict | None, train_report: 
     if train_report is not None:
         record.update(clients_sampled=train_report.sampled, clients_succeeded=len(train_report.succeeded),
                       clients_failed=len(train_report.failed),
+                      partitions_succeeded=list(train_report.succeeded),  # e.g. whether a restarted node is back
+                      node_of_partition={str(k): v for k, v in train_report.nodes.items()},  # "node N" in failures
                       failures=[f"{who}: {why}" for who, why in train_report.failed],
                       ignored=[f"{who}: {why}" for who, why in train_report.ignored],  # late or unasked-for replies
                       bytes_received_per_client={str(k): v for k, v in train_report.bytes_received.items()},
@@ -147,9 +149,9 @@ def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTas
     task = task or get_task("pretraining")
     cfg = absolutize_paths(cfg)
     labels = task.check_label_space(cfg)  # e.g. codebook_sha1, targets: every checkpoint of the run records them
+    strategy = make_strategy(cfg, task.num_rounds(cfg))  # e.g. a privacy.target_epsilon it cannot meet: before any write
     resume_from = prepare_checkpoint_dir(cfg, task, labels, resume=resume, overwrite=overwrite)
     ckpts = ServerCheckpoints(cfg, task)
-    strategy = make_strategy(cfg)
     metrics = RunMetrics(task.checkpoint_dir(cfg), curves=task.curves)
     best_val, best_round, start = math.inf, -1, 1
 

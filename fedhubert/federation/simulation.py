@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from fedhubert.config import Config
+from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
 from fedhubert.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,12 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 
 
 def check_partitions(cfg: Config) -> None:
-    """Every client folder holds what the data stage writes; else one error naming the missing file."""
+    """Every client folder holds what the data stage writes, well formed (data.check_client_data: the
+    manifests, their labels against model.vocab_size, the audio they list); else one error naming the
+    file (and line). Runs before anything is written or Ray starts: inside a client the same error would
+    only fail that client, round after round."""
+    from fedhubert.data import check_client_data
+
     root = Path(cfg.data.partitions_dir)
     for k in range(cfg.partition.num_clients):
         for name in ("train.tsv", "train.km", "valid.tsv", "valid.km"):
@@ -27,6 +32,8 @@ def check_partitions(cfg: Config) -> None:
             if not path.is_file():
                 raise DataError(f"{path} is missing: run partition_data.py and generate_kmeans_targets.py "
                                 f"with the same config (partition.num_clients={cfg.partition.num_clients})")
+    for k in range(cfg.partition.num_clients):
+        check_client_data(root / f"client_{k}", cfg.model.vocab_size - NUM_SPECIAL_SYMBOLS)
 
 
 def run_federated_pretraining(cfg: Config, resume: bool = False, client_app: Any = None,
@@ -56,6 +63,11 @@ def run_federated(task_name: str, cfg: Config, resume: bool = False, client_app:
     task = get_task(task_name)
     check_partitions(cfg)
     task.preflight(cfg, resume=resume)  # e.g. the teacher and every client's teacher head, before anything is written
+    if cfg.privacy.enabled:  # z from privacy.target_epsilon over the task's rounds (cached for the server), or why not
+        from fedhubert.federation.privacy import sample_size
+        from fedhubert.federation.privacy_accounting import noise_plan
+
+        noise_plan(cfg.privacy, cfg.partition.num_clients, sample_size(cfg), task.num_rounds(cfg))
     checked = absolutize_paths(copy.deepcopy(cfg))  # as the server will see it (it compares saved absolute paths)
     prepare_checkpoint_dir(checked, task, task.check_label_space(checked), resume=resume, overwrite=overwrite)
 

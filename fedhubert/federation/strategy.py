@@ -5,8 +5,9 @@ made safe for this project by one mixin:
 
 - a client whose reply is an error, malformed (replies.py: records, metrics, array names, shapes, dtypes
   and sizes against the global arrays sent), or holds NaN/Inf, is left out of the aggregate, and so is a
-  sampled client that did not reply within ``federation.round_timeout`` (reason ``timeout``); a late
-  reply to an earlier round, or one from a node that was sent nothing, is ignored;
+  sampled client that did not reply within ``federation.round_timeout`` (reason ``timeout``), or whose
+  reply Flower replaced with an error (e.g. a killed SuperNode's: ``no reply: ... Node Unavailable``); a
+  late reply to an earlier round, or one from a node that was sent nothing, is ignored;
 - weights travel in the configured wire dtype and are averaged in float32, in partition order;
 - the server optimizer's float64 result is cast back to float32 before it goes on the wire or to disk;
 - the optimizer state (FedAdam/FedYogi's m_t and v_t, FedAvgM's momentum) and the privacy ledger can be
@@ -24,12 +25,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from fedhubert.config import Config
 from fedhubert.federation.aggregation import ServerAggregation
-from fedhubert.federation.privacy import KEY_CLIPPING_NORM, PrivateAggregation, sample_size
-from fedhubert.federation.replies import (PARTITION_KEY, Sent, arrays_problem, content_problem, metrics_problem,
-                                          partition_id, stale_reason)
+from fedhubert.federation.privacy import PrivateAggregation, sample_size
+from fedhubert.federation.replies import PARTITION_KEY, Sent, screen, timed_out
 from fedhubert.federation.task import decode_array, encode_arrays, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class RoundReport:
     """What happened to the messages of one train or evaluate step of a round."""
     sampled: int = 0
     succeeded: list[int] = field(default_factory=list)          # partition ids
+    nodes: dict[int, int] = field(default_factory=dict)          # partition id -> the node id it replied from
     failed: list[tuple[str, str]] = field(default_factory=list)  # (node or partition, reason): one per sampled node
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (node, reason): late or unasked-for replies
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -56,8 +58,9 @@ STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi
 STATE_NAMES = ("m_t", "v_t", "momentum_vector")  # the server optimizers' state, where a strategy has it
 
 
-def make_strategy(cfg: Config) -> "RobustStrategy":
-    """``federation.strategy`` with the mixin below, every knob from the config."""
+def make_strategy(cfg: Config, num_rounds: int | None = None) -> "RobustStrategy":
+    """``federation.strategy`` with the mixin below, every knob from the config; ``num_rounds`` (default
+    federation.num_rounds) is what ``privacy.target_epsilon`` is spread over."""
     f = cfg.federation
     base = STRATEGIES[f.strategy]
     kwargs = dict(fraction_train=f.fraction_fit, fraction_evaluate=f.fraction_evaluate,
@@ -74,8 +77,10 @@ def make_strategy(cfg: Config) -> "RobustStrategy":
     strategy.wire_dtype, strategy.round_timeout = f.wire_dtype, f.round_timeout
     strategy.aggregation, strategy.trim_fraction = f.aggregation, f.trim_fraction
     if cfg.privacy.enabled:
-        strategy.privacy = PrivateAggregation(cfg.privacy, population=cfg.partition.num_clients, sampled=sample_size(cfg))
+        strategy.privacy = PrivateAggregation(cfg.privacy, population=cfg.partition.num_clients, sampled=sample_size(cfg),
+                                              rounds=num_rounds or f.num_rounds)
     strategy.train_report, strategy.evaluate_report, strategy.sent = RoundReport(), RoundReport(), {}
+    strategy.norm_bits = {}
     return strategy
 
 
@@ -100,14 +105,16 @@ class RobustStrategy:
             report.bytes_sent[message.metadata.dst_node_id] = size
         report.sampled = len(messages)
         returned = {k: (tuple(a.shape), a.dtype) for k, a in wire.items()} if kind == MessageType.TRAIN else {}
-        self.sent[kind] = Sent(server_round, kind, [m.metadata.dst_node_id for m in messages], returned)
+        self.sent[kind] = Sent(server_round, kind, [m.metadata.dst_node_id for m in messages], returned,
+                               metadata=[m.metadata for m in messages])  # ids set by the Grid's push
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
         self.train_report = RoundReport()
-        if self.privacy is not None and self.privacy.clipping == "client":
-            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by Flower's fixedclipping_mod on the client
+        if self.privacy is not None:  # privacy.clipping=client: C (and whether to report the norm bit) for the mod
+            for key, value in self.privacy.train_config().items():
+                config[key] = value
         # super() remembers the float32 arrays as FedAdam's x_t; only the copies on the wire are cast.
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._encode(server_round, MessageType.TRAIN, messages, arrays, self.train_report)
@@ -127,54 +134,37 @@ class RobustStrategy:
         if sent is None or sent.round != server_round:
             raise RuntimeError(f"aggregate of round {server_round}'s {message_type} replies without its configure step")
         with_arrays = message_type == MessageType.TRAIN
+        if with_arrays:
+            self.norm_bits = {}
+        kept, answered = screen(replies, sent, report.failed, report.ignored, self.arrayrecord_key)
+        wants_bit = with_arrays and self.privacy is not None and self.privacy.bits_from_clients
         good: dict[int, Message] = {}
-        answered: set[int] = set()  # nodes
-        claimed: set[int] = set()   # partition ids
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            stale = stale_reason(msg, sent) or (f"second reply from node {node}: ignored" if node in answered else None)
-            if stale:
-                report.ignored.append((f"node {node}", stale))
-                continue
-            answered.add(node)
-            if msg.has_error():
-                report.failed.append((f"node {node}", f"client raised: {msg.error.reason}"))
-                continue
-            problem = content_problem(msg.content, with_arrays, self.arrayrecord_key)
-            pid = None if problem else partition_id(msg.content["metrics"])
-            if pid is None:
-                report.failed.append((f"node {node}", problem or f"metrics carry no valid '{PARTITION_KEY}'"))
-                continue
-            who = f"client {pid}"
-            if pid in claimed:
-                report.failed.append((f"node {node}", f"{PARTITION_KEY} {pid} already replied this round"))
-                continue
-            claimed.add(pid)
-            problem = metrics_problem(msg.content["metrics"])
-            if not problem and with_arrays:  # headers only: nothing of the arrays is allocated yet
-                problem = arrays_problem(msg.content[self.arrayrecord_key], sent)
-            if problem:
-                report.failed.append((who, problem))
+        for pid, msg in kept.items():
+            if wants_bit and msg.content["metrics"].get(KEY_NORM_BIT) not in (0, 1):
+                report.failed.append((f"client {pid}", f"metrics carry no '{KEY_NORM_BIT}' of 0 or 1 (privacy.adaptive_"
+                                      "clipping with clipping client: Flower's adaptiveclipping_mod reports it)"))
                 continue
             if with_arrays:  # every array checked against the global one: decoding allocates no more than it
                 record = msg.content[self.arrayrecord_key]
                 report.bytes_received[pid] = payload_bytes(record)
                 decoded = {k: decode_array(a) for k, a in record.items()}
                 if not all_finite(decoded.values()):
-                    report.failed.append((who, "update contains NaN/Inf"))
+                    report.failed.append((f"client {pid}", "update contains NaN/Inf"))
                     continue
                 msg.content[self.arrayrecord_key] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
-            metrics = {k: v for k, v in msg.content["metrics"].items() if k != PARTITION_KEY}
+            if wants_bit:  # for the noised count only: never averaged or logged un-noised
+                self.norm_bits[msg.metadata.src_node_id] = bool(msg.content["metrics"][KEY_NORM_BIT])
+            metrics = {k: v for k, v in msg.content["metrics"].items() if k not in (PARTITION_KEY, KEY_NORM_BIT)}
             msg.content["metrics"] = MetricRecord(metrics)  # without partition-id: not a quantity to average
             good[pid] = msg
         self._agree_on_metric_keys(good, report)
-        timeout = f"timeout: no reply within federation.round_timeout ({self.round_timeout:g} s)"
-        report.failed += [(f"node {n}", timeout) for n in sent.nodes if n not in answered]
+        report.failed += timed_out(sent, answered, self.round_timeout)
         for who, reason in report.failed:
             log.warning("left out of the aggregate: %s: %s", who, reason)
         for who, reason in report.ignored:
             log.warning("%s: %s", who, reason)
         report.succeeded = sorted(good)
+        report.nodes = {pid: good[pid].metadata.src_node_id for pid in sorted(good)}
         report.client_metrics = {pid: {k: float(v) for k, v in good[pid].content["metrics"].items()}
                                  for pid in sorted(good)}
         return [good[pid] for pid in sorted(good)]
