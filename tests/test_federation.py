@@ -88,23 +88,21 @@ def test_server_never_aggregates_the_prediction_heads(two_rounds):
         assert not torch.equal(heads[1][name], heads[2][name])
 
 
-def test_resume_matches_an_uninterrupted_run(two_rounds, partitions, tmp_path):
+def test_resume_extends_a_finished_run(two_rounds, partitions, tmp_path):
+    """A finished 2-round run resumed with num_rounds=3 trains round 3 only. That a resume ends with an
+    uninterrupted run's weights, bit for bit, is test_server_killed.py's (the server SIGKILLed mid-round)."""
     cfg2, _ = two_rounds
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(cfg2.federation.checkpoint_dir, resumed_dir)
-    resumed = fed_config(partitions, resumed_dir, "federation.num_rounds=4")
+    resumed = fed_config(partitions, resumed_dir, "federation.num_rounds=3")
     run_federated_pretraining(resumed, resume=True)
-    straight = fed_config(partitions, tmp_path / "straight", "federation.num_rounds=4")
-    run_federated_pretraining(straight)
-
-    a = torch.load(resumed_dir / "server" / "round_4.pt", weights_only=True)
-    b = torch.load(tmp_path / "straight" / "server" / "round_4.pt", weights_only=True)
-    for name, tensor in b["model_weight"].items():
-        torch.testing.assert_close(a["model_weight"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    for moment in ("m_t", "v_t"):
-        for name, tensor in b["strategy_state"][moment].items():
-            torch.testing.assert_close(a["strategy_state"][moment][name], tensor, rtol=1e-5, atol=1e-9)
-    assert [r["round"] for r in read_history(resumed)] == [0, 1, 2, 3, 4]
+    before = torch.load(resumed_dir / "server" / "round_2.pt", weights_only=True)
+    after = torch.load(resumed_dir / "server" / "round_3.pt", weights_only=True)
+    original = torch.load(Path(cfg2.federation.checkpoint_dir) / "server" / "round_2.pt", weights_only=True)
+    for name, tensor in original["model_weight"].items():
+        assert torch.equal(before["model_weight"][name], tensor), name  # the resumed rounds were not retrained
+    assert any(not torch.equal(after["model_weight"][n], t) for n, t in before["model_weight"].items())
+    assert [r["round"] for r in read_history(resumed)] == [0, 1, 2, 3]
 
 
 @pytest.fixture
