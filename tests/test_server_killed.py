@@ -198,7 +198,7 @@ class Killed(BaseException):
 
 def test_a_kill_between_the_round_checkpoint_and_the_best_model_is_repaired_by_resume(tmp_path, monkeypatch):
     from fedhubert.federation.tasks import FederatedTask
-    from test_faults import run, server_cfg
+    from fake_grid import run, server_cfg
 
     real_save = FederatedTask.save
 
@@ -251,7 +251,7 @@ def test_a_resumed_run_samples_the_partitions_the_interrupted_one_would_have(tmp
     # 2 of 4 clients per round: Flower's seeded draw picks positions in the grid's node list, and node ids
     # are new in every run; the server orders the nodes by partition (server_app.PartitionOrder).
     from fedhubert.federation.server_app import run_server
-    from test_faults import server_cfg
+    from fake_grid import server_cfg
 
     sample = ("partition.num_clients=4", "federation.fraction_fit=0.5", "federation.fraction_evaluate=0.5",
               "federation.strategy=fedadam")
