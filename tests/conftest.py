@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -238,3 +240,10 @@ def processes():
     started: list[subprocess.Popen] = []
     yield started
     stop_all(started)
+
+
+def app_for_ray_workers(monkeypatch, module: str):
+    """``tests/<module>.py``'s ClientApp ``app``, importable by Ray's worker processes too (PYTHONPATH)."""
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    return importlib.import_module(module).app

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fed_config
+from conftest import app_for_ray_workers, fed_config
 from fedhubert.config import Config
 from fedhubert.errors import FederationError
 from fedhubert.evaluate import check_s3prl_load
@@ -107,10 +107,7 @@ def test_resume_extends_a_finished_run(two_rounds, partitions, tmp_path):
 
 @pytest.fixture
 def faulty_client_app(monkeypatch):
-    tests_dir = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
-    import faulty_clients
-    return faulty_clients.app
+    return app_for_ray_workers(monkeypatch, "faulty_clients")
 
 
 def test_failed_and_nan_clients_are_left_out(partitions, tmp_path, faulty_client_app):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, make_config
+from conftest import TINY, app_for_ray_workers, make_config
 from fedhubert import fedkmeans
 from fedhubert.config import load_config, num_frames
 from fedhubert.data import read_manifest
@@ -41,10 +40,7 @@ def history(out: Path) -> list[dict]:
 
 @pytest.fixture
 def faulty_kmeans_app(monkeypatch):
-    tests_dir = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
-    import faulty_kmeans_clients
-    return faulty_kmeans_clients.app
+    return app_for_ray_workers(monkeypatch, "faulty_kmeans_clients")
 
 
 def test_one_codebook_labels_every_client_despite_failed_and_nan_clients(parts, monkeypatch, faulty_kmeans_app):
