@@ -196,10 +196,11 @@ class KmeansClients:
     "straggle" (no reply), "late" (its reply turns up among the next step's), "raise" (an error reply
     with a traceback), or a function changing its reply's content."""
 
-    def __init__(self, dim: int, k_local: int, faults: dict | None = None) -> None:
+    def __init__(self, dim: int, k_local: int, faults: dict | None = None, nodes: list[int] = KMEANS_NODES) -> None:
         rng = np.random.default_rng(0)
         self.frames = [rng.normal(3.0 * k, 1.0, (KMEANS_FRAMES, dim)).astype(np.float32) for k in range(3)]
-        self.grid = FakeGrid(KMEANS_NODES, self)
+        self.nodes = list(nodes)  # nodes[k] holds partition k; the grid lists them by id, as Flower does
+        self.grid = FakeGrid(sorted(self.nodes), self)
         self.k_local, self.faults = k_local, faults or {}
         self.late: list[Message] = []
 
@@ -207,7 +208,11 @@ class KmeansClients:
         from fedhubert import fedkmeans
         from fedhubert.federation import kmeans_app as real
 
-        pid, kind = KMEANS_NODES.index(msg.metadata.dst_node_id), msg.metadata.message_type
+        from fedhubert.federation.sampling import PARTITION_QUERY
+
+        pid, kind = self.nodes.index(msg.metadata.dst_node_id), msg.metadata.message_type
+        if kind == PARTITION_QUERY:  # client_app.partition's answer
+            return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
         self.grid.extra, self.late = self.grid.extra + self.late, []  # the last step's late replies turn up now
         if kind == real.INIT:
             centres, counts = fedkmeans.local_centres(self.frames[pid], self.k_local, seed=pid)
@@ -231,10 +236,11 @@ class KmeansClients:
         return reply
 
 
-def run_kmeans(out: Path, faults: dict | None = None, *overrides: str) -> tuple[dict, KmeansClients]:
-    """The k-means ServerApp's run into ``out`` on three KmeansClients with ``faults``."""
+def run_kmeans(out: Path, faults: dict | None = None, *overrides: str,
+               nodes: list[int] = KMEANS_NODES) -> tuple[dict, KmeansClients]:
+    """The k-means ServerApp's run into ``out`` on three KmeansClients (partition k on ``nodes[k]``) with ``faults``."""
     from fedhubert.federation.kmeans_app import run_kmeans_server
 
     cfg = kmeans_cfg(out, *overrides)
-    clients = KmeansClients(KMEANS_DIM, cfg.kmeans.k_local or cfg.kmeans.n_clusters, faults)
+    clients = KmeansClients(KMEANS_DIM, cfg.kmeans.k_local or cfg.kmeans.n_clusters, faults, nodes)
     return run_kmeans_server(clients.grid, cfg), clients

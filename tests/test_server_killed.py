@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
@@ -25,7 +26,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from conftest import REPO, TINY, fed_config
 from fake_grid import FakeGrid
 from fedhubert.federation.rundir import check_resume, round_files
-from fedhubert.federation.server_app import PARTITION_QUERY
+from fedhubert.federation.sampling import PARTITION_QUERY
 from fedhubert.federation.simulation import FLOWER_ENV
 from fedhubert.federation.task import absolutize_paths, decode_arrays, encode_arrays
 from fedhubert.federation.tasks import get_task
@@ -249,7 +250,7 @@ class Nodes:
 
 def test_a_resumed_run_samples_the_partitions_the_interrupted_one_would_have(tmp_path):
     # 2 of 4 clients per round: Flower's seeded draw picks positions in the grid's node list, and node ids
-    # are new in every run; the server orders the nodes by partition (server_app.PartitionOrder).
+    # are new in every run; the server orders the nodes by partition (sampling.PartitionOrder).
     from fedhubert.federation.server_app import run_server
     from fake_grid import server_cfg
 
@@ -270,3 +271,21 @@ def test_a_resumed_run_samples_the_partitions_the_interrupted_one_would_have(tmp
     a = torch.load(tmp_path / "ckpt" / "server" / "round_3.pt", weights_only=True)["model_weight"]
     b = torch.load(tmp_path / "straight" / "ckpt" / "server" / "round_3.pt", weights_only=True)["model_weight"]
     assert all(torch.equal(a[k], t) for k, t in b.items())
+
+
+def test_the_federated_kmeans_samples_the_same_partitions_whatever_the_node_ids(tmp_path):
+    """2 of 3 clients per k-means round: two runs whose nodes have other ids (and so another order in
+    Flower's node list) train the same partitions in every round and end with the same codebook."""
+    from fake_grid import read_jsonl, run_kmeans
+
+    def partitions_per_round(out: Path, nodes: list[int]) -> tuple[list[list[str]], np.ndarray]:
+        run_kmeans(out, None, "federation.fraction_fit=0.67", "federation.min_fit_clients=2", "kmeans.max_rounds=4",
+                   nodes=nodes)
+        rounds = [sorted(r["bytes_up_per_client"]) for r in read_jsonl(out / "kmeans_metrics.jsonl")[1:]]
+        return rounds, np.load(out / "codebook.npy")
+
+    first, codebook = partitions_per_round(tmp_path / "a", [31, 32, 33])
+    second, same = partitions_per_round(tmp_path / "b", [93, 12, 57])
+    assert all(len(r) == 2 for r in first) and len({tuple(r) for r in first}) > 1  # a sample, not always the same
+    assert second == first
+    np.testing.assert_array_equal(same, codebook)

@@ -147,7 +147,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("partition")
 def partition(msg: Message, context: Context) -> Message:
-    """This node's partition: the server samples clients in partition order (server_app.PartitionOrder)."""
+    """This node's partition: the server samples clients in partition order (sampling.PartitionOrder)."""
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 

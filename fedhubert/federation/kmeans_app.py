@@ -56,6 +56,7 @@ from fedhubert.data import derive_seed
 from fedhubert.errors import DataError, FederationError
 from fedhubert.federation.metrics import write_jsonl
 from fedhubert.federation.replies import Dim, Sent, screen, timed_out
+from fedhubert.federation.sampling import PartitionOrder
 from fedhubert.federation.strategy import RoundReport, all_finite
 from fedhubert.federation.task import absolutize_paths, client_data_dir, config_from_record, config_record, payload_bytes
 from fedhubert.fileio import atomic_open
@@ -309,11 +310,12 @@ def run_kmeans_server(grid: Grid, cfg: Config) -> dict[str, Any]:
               local_centres=sum(len(c) for c, _, _ in local.values())), t0)
 
     running, prev, converged = np.zeros(n_clusters, np.int64), None, False
+    sampler = PartitionOrder(grid, f.round_timeout) if f.fraction_fit < 1 else grid  # the same clients in every run
     for rnd in range(1, k.max_rounds + 1):
         t0 = time.perf_counter()
         random.seed(derive_seed(cfg.seed, "kmeans-sample", rnd))  # Flower's sample_nodes draws with `random`
         size = min(len(nodes), max(need, int(len(nodes) * f.fraction_fit)))
-        sampled, nodes = sample_nodes(grid, f.min_available_clients, size)
+        sampled, nodes = sample_nodes(sampler, f.min_available_clients, size)
         stats, report = _exchange(grid, cfg, _expected(STATS, rnd, sorted(sampled), k_local, n_clusters, dim),
                                   codebook_record(codebook), lambda m: stats_from_record(m.content["arrays"]), need,
                                   f"round {rnd}")

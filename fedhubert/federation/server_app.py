@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhubert.config import Config, load_config
 from fedhubert.errors import FederationError, OutputError
 from fedhubert.federation.metrics import RunMetrics
-from fedhubert.federation.replies import PARTITION_KEY
 from fedhubert.federation.rundir import prepare_checkpoint_dir, round_files
+from fedhubert.federation.sampling import PartitionOrder
 from fedhubert.federation.strategy import RoundReport, make_strategy
 from fedhubert.federation.task import (BEST_ROUND_KEY, TASK_KEY, absolutize_paths, config_record, load_encoder,
                                        split_state)
@@ -106,40 +106,6 @@ def sampling_seed(cfg: Config, rnd: int, strategy: Any) -> int | None:
     if strategy.privacy is not None and strategy.privacy.amplified:
         return None
     return cfg.seed * 100_003 + rnd
-
-
-PARTITION_QUERY = "query.partition"  # the ClientApp answers with its partition-id (client_app.partition)
-
-
-class PartitionOrder:
-    """The Grid as the strategy samples from it: the node ids in partition order.
-
-    Flower draws a round's clients with ``random.sample(grid.get_node_ids(), n)``, but a node's id is
-    drawn at random when it registers (os.urandom in the simulation): the seeded draw of sampling_seed
-    would pick other partitions in a resumed run. Each node is asked its partition once; one that does
-    not answer comes after the others, by node id. Everything else is the wrapped Grid's."""
-
-    def __init__(self, grid: Grid, timeout: float | None) -> None:
-        self.grid, self.timeout = grid, timeout
-        self.partitions: dict[int, float] = {}  # node id -> partition id (inf: did not say)
-
-    def get_node_ids(self) -> list[int]:
-        nodes = list(self.grid.get_node_ids())
-        unknown = [n for n in nodes if n not in self.partitions]
-        if unknown:
-            self.partitions.update({n: math.inf for n in unknown})  # asked once, answered or not
-            asks = [Message(RecordDict(), dst_node_id=n, message_type=PARTITION_QUERY) for n in unknown]
-            for reply in self.grid.send_and_receive(asks, timeout=self.timeout):
-                node = reply.metadata.src_node_id
-                try:
-                    if node in unknown and not reply.has_error():
-                        self.partitions[node] = int(reply.content["metrics"][PARTITION_KEY])
-                except (KeyError, TypeError, ValueError):  # a malformed answer: the node stays unordered
-                    pass
-        return sorted(nodes, key=lambda n: (self.partitions[n], n))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
 
 
 def run_server(grid: Grid, cfg: Config, resume: bool = False, task: FederatedTask | None = None,
