@@ -140,3 +140,14 @@ def test_the_readme_has_no_project_management_wording():
                     r"\bTODO\b", r"\bhelpers?\b"):
         found = [line for line in readme.splitlines() if re.search(pattern, line, re.IGNORECASE)]
         assert not found, f"README.md: {pattern}: {found[0]}"
+
+
+def test_the_sweep_runs_the_scripts_in_the_callers_folder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep_federation
+
+    (tmp_path / "my.yaml").write_text("nosuchsection:\n  key: 1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="partition_data.py failed"):
+        sweep_federation.run(["partition_data.py", "--config", "my.yaml"], tmp_path / "sweep.log")
+    assert f"unknown config key 'nosuchsection' in {tmp_path / 'my.yaml'}" in (tmp_path / "sweep.log").read_text()
