@@ -12,8 +12,8 @@ def main() -> None:
     which.add_argument("--student", action="store_true", help="the config's best_student_model.pt")
     which.add_argument("--checkpoint", help="any checkpoint file")
     args = parser.parse_args()
-    from fedhubert.evaluate import best_checkpoint, check_s3prl_load
     cfg = config_from_args(args)
+    from fedhubert.evaluate import best_checkpoint, check_s3prl_load  # imports s3prl: once the keys are fine
     path = args.checkpoint or best_checkpoint(cfg, student=args.student)
     print(f"s3prl hubert_local: {check_s3prl_load(cfg, path)} hidden states ({path})")
 

@@ -6,15 +6,15 @@
 
 import argparse
 
-from fedhubert.checkpoint import export_huggingface, load_checkpoint
 from fedhubert.cli import run_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint written by the pretraining (or any s3prl HuBERT checkpoint)")
     parser.add_argument("folder", help="output folder (replaced atomically if it exists)")
     args = parser.parse_args()
+    from fedhubert.checkpoint import export_huggingface, load_checkpoint  # imports torch: not needed for --help
     model, cfg, _ = load_checkpoint(args.checkpoint)
     print(f"wrote {export_huggingface(model, cfg, args.folder)}")
 

@@ -6,4 +6,4 @@ into a smaller student HuBERT by a Flower FedAdam simulation over the same clien
 from fedhubert.cli import federated_main, run_main
 
 if __name__ == "__main__":
-    run_main(lambda: federated_main("distillation", __doc__, "configs/distillation_config.yaml"))
+    run_main(lambda: federated_main("distillation", __doc__, "distillation_config.yaml"))

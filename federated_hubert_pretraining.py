@@ -5,4 +5,4 @@ partition_data.py and generate_kmeans_targets.py. See README.md, "Federated pret
 from fedhubert.cli import federated_main, run_main
 
 if __name__ == "__main__":
-    run_main(lambda: federated_main("pretraining", __doc__, "configs/pretraining_config.yaml"))
+    run_main(lambda: federated_main("pretraining", __doc__, "pretraining_config.yaml"))

@@ -4,4 +4,4 @@
 #   ./run_distillation.sh --config configs/demo_distillation.yaml --set distillation.num_rounds=4 [--resume]
 set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
-exec python federated_distillation.py "$@"
+exec python "$_FEDHUBERT_ROOT/federated_distillation.py" "$@"  # from any folder: relative paths are the caller's

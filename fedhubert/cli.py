@@ -5,15 +5,51 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-from fedhubert.config import Config, add_config_arguments, load_config
+from fedhubert.config import REPO_ROOT, Config, describe_keys, load_config
 from fedhubert.errors import FedHubertError
 
+PATH_RULE = ("Relative paths (--config, and every path key in a config file or --set) are relative to the "
+             "folder the command runs in; only 'extends:' is relative to the file that names it. The bundled "
+             "configs' paths (corpus/LibriSpeech, demo_output/, checkpoints/ ...) are relative to the "
+             "repository root.")
 
-def parser_with_config(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    add_config_arguments(parser)
+
+class HelpConfig(argparse.Action):
+    """``--help-config``: every config key with its type, default, valid values and meaning, then exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list every config key (type, default, valid values, meaning) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(help_config())
+        parser.exit()
+
+
+def help_config() -> str:
+    """The text of ``--help-config``: one line per key, then its meaning indented."""
+    lines = ["Config keys (YAML sections, or --set section.key=value):", ""]
+    for key, type_name, default, meaning, valid in describe_keys():
+        lines.append(f"{key} ({type_name}; default {default!r}{'; ' + valid if valid else ''})")
+        lines.append(f"    {meaning}")
+    return "\n".join(lines + ["", PATH_RULE])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str = "pretraining_config.yaml") -> None:
+    """The ``--config``, repeatable ``--set`` and ``--help-config`` flags every script with a config takes;
+    ``default_config`` is a file in the repository's configs/."""
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / default_config),
+                        help="YAML config file, relative to the current folder (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable, e.g. --set partition.num_clients=3")
+    parser.add_argument("--help-config", action=HelpConfig)
+
+
+def parser_with_config(description: str, default_config: str = "pretraining_config.yaml") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=PATH_RULE)
+    add_config_arguments(parser, default_config)
     return parser
 
 
@@ -45,10 +81,9 @@ def one_line(message: str) -> str:
 
 
 def federated_main(task: str, description: str, default_config: str) -> None:
-    """The federated stages' command line: --config, --set, --resume or --overwrite; runs ``task`` as a
-    simulation."""
-    parser = parser_with_config(description)
-    parser.set_defaults(config=default_config)
+    """The federated stages' command line: --config (default: ``default_config``, a file in configs/ or any
+    path), --set, --resume or --overwrite; runs ``task`` as a simulation."""
+    parser = parser_with_config(description, default_config)
     earlier = parser.add_mutually_exclusive_group()
     earlier.add_argument("--resume", action="store_true",
                          help="continue from the newest round_<r>.pt of the task's checkpoint folder at round r+1")

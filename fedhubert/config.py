@@ -2,12 +2,12 @@
 its valid range. YAML files and ``--set section.key=value`` overrides are validated against it.
 
 A YAML file may start with ``extends: other.yaml`` (relative to itself) to take another file as its
-base; its own keys then override the base's, section by section.
+base; its own keys then override the base's, section by section. Every other relative path (the
+``--config`` file, and path keys in a file or a ``--set``) is relative to the folder the command runs in.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -28,6 +28,8 @@ FRAME_STRIDE = 320
 # fairseq dictionaries start with <s>, <pad>, </s>, <unk>: cluster id c is target c + 4.
 NUM_SPECIAL_SYMBOLS = 4
 MAX_INT = 2**63 - 1  # an integer key must fit int64
+# The repository: its configs/ hold every script's default config, whatever folder the script runs in.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def knob(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -385,17 +387,9 @@ def config_from_dict(values: dict) -> Config:
     return cfg.validate()
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--config`` and repeatable ``--set`` flags every script takes."""
-    parser.add_argument("--config", default="configs/pretraining_config.yaml",
-                        help="YAML config file (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; repeatable, e.g. --set partition.num_clients=3")
-
-
-def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, meaning) of every key, for the README and ``--help-config``."""
-    rows: list[tuple[str, str, Any, str]] = []
+def describe_keys() -> list[tuple[str, str, Any, str, str]]:
+    """(key, type, default, meaning, valid values) of every key, for the README and ``--help-config``."""
+    rows: list[tuple[str, str, Any, str, str]] = []
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -404,7 +398,18 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
                 walk(hints[f.name], f"{prefix}{f.name}.")
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                rows.append((prefix + f.name, _type_name(hints[f.name]), default, f.metadata["help"]))
+                rows.append((prefix + f.name, _type_name(hints[f.name]), default, f.metadata["help"],
+                             _valid_values(f.metadata)))
 
     walk(Config, "")
     return rows
+
+
+def _valid_values(meta: Any) -> str:
+    """A key's choices or range as text ("" when any value of its type is valid)."""
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"[{low}, {high}]"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else ""

@@ -287,7 +287,8 @@ def prepare() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """``run_downstream.py`` with ``argv`` (default: sys.argv[1:])."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    check_arguments(argv)
+    if not {"-h", "--help"} & set(argv):  # --help: s3prl's own list of its arguments, whatever else is given
+        check_arguments(argv)
     from s3prl import run_downstream
 
     prepare()

@@ -33,10 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from fedhubert.cli import run_main  # noqa: E402
-from fedhubert.config import load_config  # noqa: E402
+from fedhubert.cli import add_config_arguments, run_main  # noqa: E402
+from fedhubert.config import REPO_ROOT, load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
-from fedhubert.train import check_device  # noqa: E402
 from sweep_federation import run, selected, sets  # noqa: E402
 
 CODEBOOKS = ("local", "federated")
@@ -126,14 +125,14 @@ def table(rows: list[dict], reference: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", default="configs/demo.yaml", help="iteration 1's config")
-    parser.add_argument("--iteration2-config", default="configs/iteration2.yaml",
+    add_config_arguments(parser, "demo.yaml")  # iteration 1's config; --set applies to every cell
+    parser.add_argument("--iteration2-config", default=str(REPO_ROOT / "configs" / "iteration2.yaml"),
                         help="iteration 2's config (its folders and checkpoints are replaced by the cell's)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="", help="run only these cells (comma-separated names or '-'-bounded "
                         "prefixes, e.g. local or federated-it1); a cell also runs the cell it continues")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every cell")
     args = parser.parse_args()
+    from fedhubert.train import check_device  # imports torch: not needed for --help
     base = load_config(args.config, args.overrides)  # a bad key, device or precision: one line, before any write
     check_device(base)
     check_device(load_config(args.iteration2_config, args.overrides))

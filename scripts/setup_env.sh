@@ -1,6 +1,7 @@
 # Source this (run_tests.sh, run_demo.sh and run_pretraining.sh do): it makes .venv with plain pip
 # when it is missing or older than requirements.txt, installs espeak-ng when missing, and sets the
-# environment every run needs. Safe to source in an interactive shell: it changes no shell options.
+# environment every run needs. Safe to source in an interactive shell from any folder: it changes no
+# shell options and not the working directory (the scripts find the repository themselves).
 _FEDHUBERT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 (
@@ -28,5 +29,3 @@ _FEDHUBERT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$_FEDHUBERT_ROOT/.venv/bin:$PATH"
 export PYTHONPATH="$_FEDHUBERT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-cd "$_FEDHUBERT_ROOT"

@@ -33,10 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fedhubert.cli import run_main  # noqa: E402
+from fedhubert.cli import add_config_arguments, run_main  # noqa: E402
 from fedhubert.config import load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
-from fedhubert.train import check_device  # noqa: E402
 
 ETAS, TAUS = ("1e-3", "3e-3", "1e-2", "3e-2"), ("1e-9", "1e-3")
 
@@ -60,8 +59,10 @@ def grid(name: str, total_steps: int) -> dict[str, list[str]]:
 
 
 def run(args: list[str], log: Path) -> None:
+    """Runs the project's script ``args[0]`` with ``args[1:]`` in the current folder (relative paths in the
+    config and the overrides mean what they mean to the sweep itself)."""
     with open(log, "a") as handle:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:1])} failed (exit {done.returncode}); see {log}")
 
@@ -112,13 +113,13 @@ def table(rows: list[dict], reference: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", default="configs/demo.yaml")
+    add_config_arguments(parser, "demo.yaml")
     parser.add_argument("--grid", default="strategies", choices=("strategies", "drift"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="", help="run only these configurations: comma-separated names or "
                         "'-'-bounded name prefixes, e.g. fedavg,fedadam-eta1e-2 (the table still lists every finished run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
     args = parser.parse_args()
+    from fedhubert.train import check_device  # imports torch: not needed for --help
     cfg = load_config(args.config, args.overrides)  # a bad key, device or precision: one line, before any write
     check_device(cfg)
     out = args.out.resolve()

@@ -65,7 +65,7 @@ def test_a_stopped_comparison_resumes_and_adds_up_compute(compare, tmp_path, mon
     # iteration 2 needs iteration 1: both ran, in order, each the whole chain
     chain = ["partition_data.py", "generate_kmeans_targets.py", "federated_hubert_pretraining.py", "evaluate.py"]
     assert [c[0] for c in calls] == chain * 2
-    assert "configs/demo.yaml" in calls[0] and "configs/iteration2.yaml" in calls[4]
+    assert str(REPO / "configs" / "demo.yaml") in calls[0] and str(REPO / "configs" / "iteration2.yaml") in calls[4]
     assert calls[3][calls[3].index("--rows") + 1] == "federated,centralized,random-init,mfcc"
     assert calls[7][calls[7].index("--rows") + 1] == "federated,centralized"
     rows = json.loads((out / "comparison.json").read_text())["rows"]

@@ -142,7 +142,7 @@ def _yaml_keys_and_comments(path: Path = BASE_CONFIG) -> dict[str, str | None]:
 
 
 def test_pretraining_config_lists_every_key_with_its_meaning():
-    described = {key: meaning for key, _, _, meaning in describe_keys() if not key.startswith("distillation.")}
+    described = {key: meaning for key, _, _, meaning, _ in describe_keys() if not key.startswith("distillation.")}
     in_yaml = _yaml_keys_and_comments()
     assert set(in_yaml) == set(described)
     assert {k: c for k, c in in_yaml.items() if c != described[k]} == {}
@@ -154,7 +154,7 @@ def test_pretraining_config_lists_every_key_with_its_meaning():
 
 
 def test_distillation_config_lists_every_distillation_key_with_its_default_and_meaning():
-    rows = {key: (default, meaning) for key, _, default, meaning in describe_keys() if key.startswith("distillation.")}
+    rows = {key: (default, meaning) for key, _, default, meaning, _ in describe_keys() if key.startswith("distillation.")}
     in_yaml = _yaml_keys_and_comments(DISTILLATION_CONFIG)
     assert in_yaml == {key: meaning for key, (_, meaning) in rows.items()}
     doc = yaml.safe_load(DISTILLATION_CONFIG.read_text())

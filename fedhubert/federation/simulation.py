@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config
+from fedhubert.config import NUM_SPECIAL_SYMBOLS, REPO_ROOT, Config
 from fedhubert.errors import DataError
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Flower and Ray read these at run time: no telemetry, no update check, no GPU masking on CPU hosts.
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
