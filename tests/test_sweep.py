@@ -100,3 +100,13 @@ def test_a_stopped_sweep_resumes_without_rerunning_finished_runs(sweep, tmp_path
     assert "| rounds4-steps40 |" in table and "| rounds16-steps10 |" in table and "| (mfcc) |" in table
     assert "rounds2-steps80" not in table  # never run, never listed
     assert "| rounds16-steps10 | 50.0 | 40.0 | 20.0 |" in capsys.readouterr().out
+
+
+def test_the_privacy_grid_runs_each_noise_multiplier_and_a_budget(sweep):
+    runs = sweep.grid("privacy", 160)
+    assert list(runs) == ["off", "z0.3", "z1.0", "z1.0-budget"]
+    assert "privacy.enabled=false" in runs["off"]
+    for name in ("z0.3", "z1.0", "z1.0-budget"):
+        assert {"privacy.enabled=true", "privacy.clipping=client"} <= set(runs[name])
+        assert f"privacy.noise_multiplier={name[1:4]}" in runs[name]
+    assert "privacy.max_epsilon=0" in runs["z1.0"] and f"privacy.max_epsilon={sweep.PRIVACY_BUDGET}" in runs["z1.0-budget"]
