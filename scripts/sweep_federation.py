@@ -87,12 +87,22 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+def evaluated_round(folder: Path) -> list[str]:
+    """evaluate.py's arguments for the run's model: its best, or its last round when no round became the
+    best (every round collapsed, e.g. drowned in privacy noise)."""
+    if (folder / "ckpt" / "server" / "best_global_model.pt").is_file():
+        return []
+    history = (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()
+    return ["--round", str(json.loads(history[-1])["round"])]
+
+
 def summarize(name: str, overrides: list[str], folder: Path, seconds: float | None) -> dict:
     """One table row: the probes of the run's best model and its health over all rounds."""
     row = json.loads((folder / "eval" / "evaluation.json").read_text())["rows"][0]
     history = [json.loads(line) for line in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     final = history[-1]["val"]
-    return {"name": name, "overrides": overrides, "seconds": seconds,
+    model = evaluated_round(folder)
+    return {"name": name, "overrides": overrides, "seconds": seconds, "model": f"round {model[1]}" if model else "best",
             "sid_best": row["speaker_id"]["best_accuracy"], "sid_weighted": row["speaker_id"]["weighted_accuracy"],
             "eer": row["speaker_verification"]["eer"], "keyword_best": row["keyword"]["best_accuracy"],
             "keyword_weighted": row["keyword"]["weighted_accuracy"],
@@ -104,19 +114,19 @@ def summarize(name: str, overrides: list[str], folder: Path, seconds: float | No
 
 
 def table(rows: list[dict], reference: list[dict]) -> str:
-    head = ("| run | SID best | SID weighted | EER | keyword best | keyword weighted | min eff. rank | max cos | "
+    head = ("| run | model | SID best | SID weighted | EER | keyword best | keyword weighted | min eff. rank | max cos | "
             "masked acc | best val loss | final val loss | rounds | epsilon | collapsed rounds |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['name']} | {pct(r['sid_best'])} | {pct(r['sid_weighted'])} | {pct(r['eer'])} | "
+        lines.append(f"| {r['name']} | {r.get('model', 'best')} | {pct(r['sid_best'])} | {pct(r['sid_weighted'])} | {pct(r['eer'])} | "
                      f"{pct(r['keyword_best'])} | {pct(r['keyword_weighted'])} | {r['min_effective_rank']:.1f} | "
                      f"{r['max_mean_cosine']:.3f} | {pct(r['masked_accuracy'])} | {r['best_val_loss']:.3f} | "
                      f"{r['final_val_loss']:.3f} | {r.get('rounds', '-')} | "
                      f"{'-' if r.get('epsilon') is None else format(r['epsilon'], '.2f')} | "
                      f"{','.join(map(str, r['collapsed_rounds'])) or '-'} |")
     for r in reference:
-        lines.append(f"| ({r['name']}) | {pct(r['speaker_id']['best_accuracy'])} | {pct(r['speaker_id']['weighted_accuracy'])} | "
+        lines.append(f"| ({r['name']}) | - | {pct(r['speaker_id']['best_accuracy'])} | {pct(r['speaker_id']['weighted_accuracy'])} | "
                      f"{pct(r['speaker_verification']['eer'])} | {pct(r['keyword']['best_accuracy'])} | "
                      f"{pct(r['keyword']['weighted_accuracy'])} | {r['health']['min_effective_rank']:.1f} | "
                      f"{r['health']['max_mean_cosine']:.3f} | - | - | - | - | - | - |")
@@ -165,7 +175,7 @@ def main() -> None:
             started = time.perf_counter()
             print(f"sweep: {name} ...", flush=True)
             run(["federated_hubert_pretraining.py", *run_sets, "--overwrite"], log)  # a stopped run: moved aside
-            run(["evaluate.py", *run_sets, "--rows", "federated"], log)
+            run(["evaluate.py", *run_sets, "--rows", "federated", *evaluated_round(folder)], log)
             atomic_write_text(timing, f"{time.perf_counter() - started:.1f}\n")
         seconds = float(timing.read_text()) if timing.is_file() else None
         rows.append(summarize(name, overrides, folder, seconds))
