@@ -12,6 +12,7 @@ over; its earlier checkpoint folder is moved aside, --overwrite). Writes ``sweep
     python scripts/sweep_federation.py --config configs/demo.yaml --grid strategies --out sweeps/demo
     python scripts/sweep_federation.py --config configs/demo.yaml --grid drift --out sweeps/demo-drift
     python scripts/sweep_federation.py --config configs/cpu_hour.yaml --grid strategies --only fedadam,fedavg --out sweeps/hour
+    python scripts/sweep_federation.py --config configs/demo.yaml --grid privacy --set privacy.clipping_norm=2 --out sweeps/demo-dp
 
 Grids:
   strategies  fedavg (Flower's plain weighted mean); fedavgm with server learning rate 0.1, 0.3, 1.0
@@ -20,6 +21,9 @@ Grids:
   drift       the base strategy at the base config's total local steps per client T = num_rounds x
               max_local_steps, split as rounds x steps = T/80 x 80, T/40 x 40, T/20 x 20, T/10 x 10
               (for the demo's 8 x 20: 2 x 80, 4 x 40, 8 x 20, 16 x 10): client drift against communication
+  privacy     client-level DP (client-side clipping at the base config's privacy.clipping_norm) against its noise
+              multiplier z: off (z = 0, no clipping), z 0.3, z 1.0, all for the base config's rounds; and z 1.0
+              with a budget (privacy.max_epsilon = PRIVACY_BUDGET) that stops it early, its last checkpoint kept
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fedhubert.config import load_config  # noqa: E402
 from fedhubert.fileio import atomic_write_text  # noqa: E402
 
 ETAS, TAUS = ("1e-3", "3e-3", "1e-2", "3e-2"), ("1e-9", "1e-3")
+PRIVACY_BUDGET = "12"  # epsilon at delta 1e-5: z 1.0 over the demo's 3 of 3 clients spends 10.7 by round 4, 12.3 by round 5
 
 
 def grid(name: str, total_steps: int) -> dict[str, list[str]]:
@@ -55,7 +60,13 @@ def grid(name: str, total_steps: int) -> dict[str, list[str]]:
                              f"training.max_local_steps a multiple of 10, got {total_steps}")
         return {f"rounds{r}-steps{s}": [f"federation.num_rounds={r}", f"training.max_local_steps={s}",
                                         "training.local_epochs=1000"] for r, s in splits}
-    raise SystemExit(f"unknown grid {name!r} (strategies, drift)")
+    if name == "privacy":
+        private = ["privacy.enabled=true", "privacy.clipping=client"]
+        runs = {"off": ["privacy.enabled=false"]}
+        runs |= {f"z{z}": [*private, f"privacy.noise_multiplier={z}", "privacy.max_epsilon=0"] for z in ("0.3", "1.0")}
+        runs["z1.0-budget"] = [*private, "privacy.noise_multiplier=1.0", f"privacy.max_epsilon={PRIVACY_BUDGET}"]
+        return runs
+    raise SystemExit(f"unknown grid {name!r} (strategies, drift, privacy)")
 
 
 def run(args: list[str], log: Path) -> None:
@@ -77,36 +88,49 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+def evaluated_round(folder: Path) -> list[str]:
+    """evaluate.py's arguments for the run's model: its best, or its last round when no round became the
+    best (every round collapsed, e.g. drowned in privacy noise)."""
+    if (folder / "ckpt" / "server" / "best_global_model.pt").is_file():
+        return []
+    history = (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()
+    return ["--round", str(json.loads(history[-1])["round"])]
+
+
 def summarize(name: str, overrides: list[str], folder: Path, seconds: float | None) -> dict:
     """One table row: the probes of the run's best model and its health over all rounds."""
     row = json.loads((folder / "eval" / "evaluation.json").read_text())["rows"][0]
     history = [json.loads(line) for line in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     final = history[-1]["val"]
-    return {"name": name, "overrides": overrides, "seconds": seconds,
+    model = evaluated_round(folder)
+    return {"name": name, "overrides": overrides, "seconds": seconds, "model": f"round {model[1]}" if model else "best",
             "sid_best": row["speaker_id"]["best_accuracy"], "sid_weighted": row["speaker_id"]["weighted_accuracy"],
             "eer": row["speaker_verification"]["eer"], "keyword_best": row["keyword"]["best_accuracy"],
             "keyword_weighted": row["keyword"]["weighted_accuracy"],
             "min_effective_rank": row["health"]["min_effective_rank"], "max_mean_cosine": row["health"]["max_mean_cosine"],
             "masked_accuracy": (row["masked_prediction"] or {}).get("masked_accuracy"),
             "final_val_loss": final.get("loss"), "best_val_loss": min(r["val"].get("loss", 1e9) for r in history[1:]),
-            "collapsed_rounds": [r["round"] for r in history if r.get("collapsed")]}
+            "collapsed_rounds": [r["round"] for r in history if r.get("collapsed")],
+            "rounds": history[-1]["round"], "epsilon": (history[-1].get("privacy") or {}).get("epsilon")}
 
 
 def table(rows: list[dict], reference: list[dict]) -> str:
-    head = ("| run | SID best | SID weighted | EER | keyword best | keyword weighted | min eff. rank | max cos | "
-            "masked acc | best val loss | collapsed rounds |")
+    head = ("| run | model | SID best | SID weighted | EER | keyword best | keyword weighted | min eff. rank | max cos | "
+            "masked acc | best val loss | final val loss | rounds | epsilon | collapsed rounds |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['name']} | {pct(r['sid_best'])} | {pct(r['sid_weighted'])} | {pct(r['eer'])} | "
+        lines.append(f"| {r['name']} | {r.get('model', 'best')} | {pct(r['sid_best'])} | {pct(r['sid_weighted'])} | {pct(r['eer'])} | "
                      f"{pct(r['keyword_best'])} | {pct(r['keyword_weighted'])} | {r['min_effective_rank']:.1f} | "
                      f"{r['max_mean_cosine']:.3f} | {pct(r['masked_accuracy'])} | {r['best_val_loss']:.3f} | "
+                     f"{r['final_val_loss']:.3f} | {r.get('rounds', '-')} | "
+                     f"{'-' if r.get('epsilon') is None else format(r['epsilon'], '.2f')} | "
                      f"{','.join(map(str, r['collapsed_rounds'])) or '-'} |")
     for r in reference:
-        lines.append(f"| ({r['name']}) | {pct(r['speaker_id']['best_accuracy'])} | {pct(r['speaker_id']['weighted_accuracy'])} | "
+        lines.append(f"| ({r['name']}) | - | {pct(r['speaker_id']['best_accuracy'])} | {pct(r['speaker_id']['weighted_accuracy'])} | "
                      f"{pct(r['speaker_verification']['eer'])} | {pct(r['keyword']['best_accuracy'])} | "
                      f"{pct(r['keyword']['weighted_accuracy'])} | {r['health']['min_effective_rank']:.1f} | "
-                     f"{r['health']['max_mean_cosine']:.3f} | - | - | - |")
+                     f"{r['health']['max_mean_cosine']:.3f} | - | - | - | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_config_arguments(parser, "demo.yaml")
-    parser.add_argument("--grid", default="strategies", choices=("strategies", "drift"))
+    parser.add_argument("--grid", default="strategies", choices=("strategies", "drift", "privacy"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="", help="run only these configurations: comma-separated names or "
                         "'-'-bounded name prefixes, e.g. fedavg,fedadam-eta1e-2 (the table still lists every finished run)")
@@ -152,7 +176,7 @@ def main() -> None:
             started = time.perf_counter()
             print(f"sweep: {name} ...", flush=True)
             run(["federated_hubert_pretraining.py", *run_sets, "--overwrite"], log)  # a stopped run: moved aside
-            run(["evaluate.py", *run_sets, "--rows", "federated"], log)
+            run(["evaluate.py", *run_sets, "--rows", "federated", *evaluated_round(folder)], log)
             atomic_write_text(timing, f"{time.perf_counter() - started:.1f}\n")
         seconds = float(timing.read_text()) if timing.is_file() else None
         rows.append(summarize(name, overrides, folder, seconds))

@@ -66,6 +66,8 @@ def fake_scripts(calls: list[list[str]]):
             ckpt.mkdir(parents=True)
             rounds = [{"round": r, "val": {"loss": 9.0 - r}, "collapsed": [] if r else None} for r in range(3)]
             (ckpt / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+            (ckpt / "server").mkdir()
+            (ckpt / "server" / "best_global_model.pt").write_bytes(b"")
         elif args[0] == "evaluate.py":
             names = args[args.index("--rows") + 1].split(",")
             probe = {"best_accuracy": 0.5, "weighted_accuracy": 0.4}
@@ -99,4 +101,24 @@ def test_a_stopped_sweep_resumes_without_rerunning_finished_runs(sweep, tmp_path
     table = (out / "sweep.md").read_text()
     assert "| rounds4-steps40 |" in table and "| rounds16-steps10 |" in table and "| (mfcc) |" in table
     assert "rounds2-steps80" not in table  # never run, never listed
-    assert "| rounds16-steps10 | 50.0 | 40.0 | 20.0 |" in capsys.readouterr().out
+    assert "| rounds16-steps10 | best | 50.0 | 40.0 | 20.0 |" in capsys.readouterr().out
+
+
+def test_the_privacy_grid_runs_each_noise_multiplier_and_a_budget(sweep):
+    runs = sweep.grid("privacy", 160)
+    assert list(runs) == ["off", "z0.3", "z1.0", "z1.0-budget"]
+    assert "privacy.enabled=false" in runs["off"]
+    for name in ("z0.3", "z1.0", "z1.0-budget"):
+        assert {"privacy.enabled=true", "privacy.clipping=client"} <= set(runs[name])
+        assert f"privacy.noise_multiplier={name[1:4]}" in runs[name]
+    assert "privacy.max_epsilon=0" in runs["z1.0"] and f"privacy.max_epsilon={sweep.PRIVACY_BUDGET}" in runs["z1.0-budget"]
+
+
+def test_a_run_without_a_best_model_is_evaluated_at_its_last_round(sweep, tmp_path):
+    """Every round collapsed (e.g. drowned in privacy noise): no best_global_model.pt, so the last round."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "server").mkdir(parents=True)
+    (ckpt / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(5)))
+    assert sweep.evaluated_round(tmp_path) == ["--round", "4"]
+    (ckpt / "server" / "best_global_model.pt").write_bytes(b"")
+    assert sweep.evaluated_round(tmp_path) == []
