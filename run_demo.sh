@@ -4,8 +4,9 @@
 # federated distillation into a smaller student (configs/demo_distillation.yaml) -> s3prl loads it ->
 # the evaluation table (federated, centralized, student, random-init, mfcc).
 # Extra arguments (e.g. --set federation.num_rounds=3) go to every stage. Run again, it starts afresh:
-# the federated stages get --overwrite, so the previous demo's checkpoints are moved aside to
-# demo_output/checkpoints/<stage>.old-<time> (never deleted; remove them when no longer wanted).
+# the federated stages and the evaluation get --overwrite, so the previous demo's checkpoints are moved
+# aside to demo_output/checkpoints/<stage>.old-<time>, and its evaluation folder (when it was made with
+# another config) to demo_output/evaluation.old-<time> (never deleted; remove them when no longer wanted).
 # It runs its stages in the repository root, whatever folder it is started from: the demo configs'
 # paths (corpus/LibriSpeech, demo_output/) are relative to it, and so are paths in extra --set
 # arguments. CONFIG and DISTILLATION_CONFIG (environment) replace the two configs; relative to the
@@ -26,7 +27,7 @@ python federated_hubert_pretraining.py --config "$CONFIG" --overwrite "$@"
 python check_s3prl_load.py --config "$CONFIG" "$@"
 python federated_distillation.py --config "$DISTILLATION_CONFIG" --overwrite "$@"
 python check_s3prl_load.py --config "$DISTILLATION_CONFIG" "$@" --student
-python evaluate.py --config "$DISTILLATION_CONFIG" "$@"
+python evaluate.py --config "$DISTILLATION_CONFIG" --overwrite "$@"
 set +x
 echo
 echo "Outputs (under demo_output/):"

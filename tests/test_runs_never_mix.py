@@ -383,3 +383,13 @@ def test_an_evaluation_without_curves_leaves_no_earlier_learning_curves(tmp_path
     data = {"clips": 4, "seconds": 4.0, "classes": 2, "test_clips": 2}
     write_report({"rows": [row], "data": {"speaker": data, "keyword": data}, "crop_seconds": 1.0}, tmp_path)
     assert (tmp_path / "evaluation.md").is_file() and not (tmp_path / "learning_curves.png").exists()
+
+
+def test_a_second_demo_moves_every_earlier_output_aside_rather_than_stopping():
+    """run_demo.sh runs again afresh: each stage that refuses a used folder (pretraining, distillation,
+    the evaluation) gets --overwrite, so a second demo (or one with other --set values) is not refused
+    at its last stage after minutes of training."""
+    script = (REPO / "run_demo.sh").read_text()
+    for stage in ("federated_hubert_pretraining.py", "federated_distillation.py", "evaluate.py"):
+        line = next(line for line in script.splitlines() if line.startswith(f"python {stage}"))
+        assert "--overwrite" in line, line
