@@ -47,8 +47,9 @@ def num_frames(num_samples: int) -> int:
 
 @dataclass
 class DataConfig:
-    librispeech_root: str = knob("corpus/LibriSpeech", "LibriSpeech root in the released layout (holds SPEAKERS.TXT)")
-    subsets: list[str] = knob([], "subset folders to scan, e.g. [train-clean-100]; empty = every subset under the root")
+    librispeech_root: str = knob("corpus/LibriSpeech", "LibriSpeech root in the released layout (holds SPEAKERS.TXT and the subset folders), or a Libri-Light root (holds small/, medium/, ...)")
+    subsets: list[str] = knob([], "subset folders to scan, e.g. [train-clean-100]; empty = every subset folder except LibriSpeech's dev-*/test-* evaluation sets (named, they are scanned with a warning)")
+    require_transcripts: bool = knob(False, "reject utterances without a transcript line (false: keep them with an empty transcript; pretraining needs none)")
     partitions_dir: str = knob("data/partitions", "where partition_data.py writes manifests and client folders")
     sample_rate: int = knob(16000, "model sample rate in Hz; other rates are resampled on load", low=8000, high=48000)
     max_audio_length: int = knob(40000, "training crop length in samples (40000 = 2.5 s at 16 kHz)", low=FRAME_LENGTH)

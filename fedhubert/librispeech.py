@@ -1,18 +1,28 @@
-"""Scan a LibriSpeech root in the released layout into manifest rows.
+"""Scan a LibriSpeech (or Libri-Light) root into manifest rows.
 
-Layout: ``<root>/SPEAKERS.TXT`` and ``<root>/<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac``
-next to ``<spk>-<chapter>.trans.txt``. Lengths come from file headers only (read by a thread pool),
-so scanning 1000 hours takes minutes, not the hours a full decode would.
+Layouts, told apart per chapter folder:
+  LibriSpeech  ``<root>/<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` next to
+               ``<spk>-<chapter>.trans.txt``, speakers' sex in ``<root>/SPEAKERS.TXT``. A folder that
+               holds a .trans.txt or a file named so is a LibriSpeech chapter: each file in it must be
+               named ``<spk>-<chapter>-<utt>.flac`` after its folders (utt_id = that name).
+  Libri-Light  ``<root>/<subset>/<speaker>/<book>/<any name>.flac`` (no transcripts, no SPEAKERS.TXT):
+               speaker and chapter are the folder names, utt_id is the path below the root without
+               ``.flac`` (unique by construction: Libri-Light's file names repeat across books).
+Self-supervised pretraining needs no transcripts: a file without one is kept (transcript "") unless
+``require_transcripts``. With ``subsets`` empty, LibriSpeech's dev-*/test-* folders are left out: the
+downstream tasks evaluate on them. Lengths come from file headers only (read by a thread pool), so
+scanning 1000 hours takes minutes, not the hours a full decode would.
 
-Files that cannot be used (unreadable, empty, too short, no transcript line, misnamed) become
-:class:`Reject` rows with a reason; the scan goes on. A missing root or subset, or a corpus without
-a single usable file, raises DataError naming the path.
+Files that cannot be used (unreadable, empty, too short, misnamed, no transcript when one is required)
+become :class:`Reject` rows with a reason; the scan goes on. A missing root or subset, a root without
+subset folders of audio, or a corpus without a single usable file, raises DataError naming the path.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +37,8 @@ log = logging.getLogger(__name__)
 SPEAKERS_FILE = "SPEAKERS.TXT"
 UNKNOWN_SEX = "unknown"
 _UTT_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")  # <spk>-<chapter>-<utt>
+_EVALUATION_SUBSET = re.compile(r"^(dev|test)-")  # LibriSpeech's dev-clean, dev-other, test-clean, test-other
+_FLAC_GLOB = "*/*/*.flac"  # <speaker>/<chapter or book>/<file>.flac inside a subset folder
 
 
 @dataclass(frozen=True)
@@ -78,8 +90,14 @@ def read_speakers(root: Path) -> dict[str, str]:
     return sexes
 
 
+def is_evaluation_subset(name: str) -> bool:
+    """LibriSpeech's dev-*/test-* sets: downstream tasks (ASR, SUPERB) evaluate on them."""
+    return _EVALUATION_SUBSET.match(name) is not None
+
+
 def subset_dirs(root: Path, subsets: list[str]) -> list[Path]:
-    """The subset folders to scan: ``subsets`` or, when empty, every subset folder under ``root``."""
+    """The subset folders to scan: ``subsets`` or, when empty, every subset folder under ``root`` but
+    LibriSpeech's dev-*/test-* sets (named in a log line). A named dev/test set gets a warning."""
     if not root.is_dir():
         raise DataError(f"LibriSpeech root not found: {root} (data.librispeech_root)")
     if subsets:
@@ -87,10 +105,25 @@ def subset_dirs(root: Path, subsets: list[str]) -> list[Path]:
         for d in dirs:
             if not d.is_dir():
                 raise DataError(f"subset folder not found: {d} (data.subsets)")
-    else:
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not dirs:
-            raise DataError(f"no subset folders under the LibriSpeech root {root}")
+        named = [d.name for d in dirs if is_evaluation_subset(d.name)]
+        if named:
+            log.warning("data.subsets names %s: downstream tasks (ASR, s3prl's SUPERB tasks) evaluate on "
+                        "LibriSpeech's dev/test sets, so pretraining on them leaks test speech into the model "
+                        "and inflates those results; use them only for a demo", ", ".join(named))
+        return dirs
+    found = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"no subset folders under the LibriSpeech root {root} (data.librispeech_root)")
+    dirs = [d for d in found if not is_evaluation_subset(d.name)]
+    skipped = ", ".join(d.name for d in found if is_evaluation_subset(d.name))
+    if not dirs:
+        raise DataError(f"no training subset folders under {root} (data.librispeech_root), only LibriSpeech "
+                        f"evaluation sets ({skipped}), which are left out unless named in data.subsets "
+                        f"(e.g. --set data.subsets=[{found[0].name}], with a warning: downstream tasks evaluate "
+                        f"on them)")
+    if skipped:
+        log.info("data.subsets is empty: scanning %s; left out %s (evaluation sets of the downstream tasks; "
+                 "name them in data.subsets to pretrain on them anyway)", ", ".join(d.name for d in dirs), skipped)
     return dirs
 
 
@@ -107,7 +140,7 @@ def read_transcripts(chapter_dir: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class _Candidate:
-    """A .flac with a well-formed name and a transcript line, waiting for its header to be read."""
+    """A .flac with a well-formed name (and a transcript when one is required), waiting for its header."""
     path: Path
     utt_id: str
     speaker: str
@@ -116,25 +149,34 @@ class _Candidate:
     transcript: str
 
 
-def _candidates(root: Path, subset: Path, rejects: list[Reject]) -> list[_Candidate]:
-    """The .flac files of one subset that have a proper name and a transcript line."""
-    flacs = sorted(subset.glob("*/*/*.flac"))
-    if not flacs:
-        raise DataError(f"subset folder {subset} holds no <spk>/<chapter>/*.flac files (data.subsets)")
-    found, texts_by_dir = [], {}
+def _candidates(root: Path, subset: Path, flacs: list[Path], rejects: list[Reject],
+                require_transcripts: bool) -> list[_Candidate]:
+    """The .flac files of one subset (``flacs``, sorted) that have a proper name, and a transcript if
+    ``require_transcripts``; the others go to ``rejects``."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in flacs:
-        rel, utt_id = path.relative_to(root).as_posix(), path.stem
-        match = _UTT_NAME.match(utt_id)
-        if not match or match.group(1) != path.parent.parent.name or match.group(2) != path.parent.name:
-            rejects.append(Reject(rel, utt_id, "name is not <spk>-<chapter>-<utt>.flac inside <spk>/<chapter>/"))
-            continue
-        if path.parent not in texts_by_dir:
-            texts_by_dir[path.parent] = read_transcripts(path.parent)
-        text = texts_by_dir[path.parent].get(utt_id)
-        if text is None:
-            rejects.append(Reject(rel, utt_id, "no transcript line in the chapter's .trans.txt"))
-            continue
-        found.append(_Candidate(path, utt_id, match.group(1), match.group(2), subset.name, text))
+        by_folder[path.parent].append(path)
+    found = []
+    for folder, paths in by_folder.items():
+        texts = read_transcripts(folder)
+        librispeech = bool(texts) or any(folder.glob("*.trans.txt")) or any(_UTT_NAME.match(p.stem) for p in paths)
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            if librispeech:
+                match = _UTT_NAME.match(path.stem)
+                if not match or match.group(1) != folder.parent.name or match.group(2) != folder.name:
+                    rejects.append(Reject(rel, path.stem,
+                                          "name is not <spk>-<chapter>-<utt>.flac inside <spk>/<chapter>/"))
+                    continue
+                utt_id, speaker, chapter = path.stem, match.group(1), match.group(2)
+            else:  # Libri-Light: <speaker>/<book>/<any name>.flac
+                utt_id, speaker, chapter = rel.removesuffix(".flac"), folder.parent.name, folder.name
+            text = texts.get(path.stem, "")
+            if require_transcripts and not text:
+                what = "empty transcript line" if path.stem in texts else "no transcript line"
+                rejects.append(Reject(rel, utt_id, f"{what} in the chapter's .trans.txt (data.require_transcripts)"))
+                continue
+            found.append(_Candidate(path, utt_id, speaker, chapter, subset.name, text))
     return found
 
 
@@ -162,14 +204,41 @@ def _measure(c: _Candidate, root: Path, sexes: dict[str, str], sample_rate: int,
                      round(info.num_frames / info.sample_rate, 4), c.transcript)
 
 
-def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samples: int,
-                workers: int) -> tuple[list[Utterance], list[Reject]]:
-    """Manifest rows (sorted by path) and rejects of a LibriSpeech root; headers read in parallel."""
+def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, list[Path]]:
+    """Each subset folder's .flac files; a folder without any is an error, naming
+    data.librispeech_root when no folder has any (the root is one level off)."""
+    flacs = {d: sorted(d.glob(_FLAC_GLOB)) for d in dirs}
+    empty = [d for d in dirs if not flacs[d]]
+    if auto and len(empty) == len(dirs):
+        raise DataError(f"no <subset>/<speaker>/<chapter>/*.flac files under {root}: data.librispeech_root must be "
+                        f"the folder that holds the subset folders (e.g. LibriSpeech/, which holds train-clean-100/)")
+    if empty:
+        why = (" is empty: every folder under data.librispeech_root but dev-*/test-* is scanned; name the ones to "
+               "scan") if auto else ""
+        raise DataError(f"subset folder {empty[0]} holds no <speaker>/<chapter>/*.flac files (data.subsets{why})")
+    return flacs
+
+
+def _read_sexes(root: Path) -> dict[str, str]:
+    """SPEAKERS.TXT's sexes, or {} with a warning when there is none (Libri-Light ships none)."""
+    if (root / SPEAKERS_FILE).is_file():
+        return read_speakers(root)
+    log.warning("%s not found: every speaker's sex is 'unknown' (a LibriSpeech root holds it; Libri-Light "
+                "does not)", root / SPEAKERS_FILE)
+    return {}
+
+
+def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samples: int, workers: int,
+                require_transcripts: bool = False) -> tuple[list[Utterance], list[Reject]]:
+    """Manifest rows (sorted by path) and rejects of a LibriSpeech root; headers read in parallel.
+    ``subsets`` empty: every subset folder but dev-*/test-*. Files without a transcript are kept
+    (transcript "") unless ``require_transcripts``."""
     root = Path(root).expanduser().resolve()
     dirs = subset_dirs(root, subsets)
-    sexes = read_speakers(root)
+    flacs = _subset_flacs(root, dirs, auto=not subsets)
+    sexes = _read_sexes(root)
     rejects: list[Reject] = []
-    candidates = [c for d in dirs for c in _candidates(root, d, rejects)]
+    candidates = [c for d in dirs for c in _candidates(root, d, flacs[d], rejects, require_transcripts)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(lambda c: _measure(c, root, sexes, sample_rate, min_samples), candidates),
                             total=len(candidates), desc="reading audio headers", unit="file"))
@@ -178,8 +247,12 @@ def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samp
     if rejects:
         log.warning("%d of %d audio files rejected (reasons in rejects.csv)", len(rejects),
                     len(rows) + len(rejects))
+    untranscribed = sum(not r.transcript for r in rows)
+    if untranscribed:
+        log.info("%d of %d utterances kept without a transcript (no line in a .trans.txt; pretraining needs "
+                 "none; data.require_transcripts: true rejects them)", untranscribed, len(rows))
     unknown = sorted({r.speaker for r in rows if r.sex == UNKNOWN_SEX})
-    if unknown:
+    if unknown and (root / SPEAKERS_FILE).is_file():  # else _read_sexes said so
         log.warning("%d speakers missing from %s (sex 'unknown'): %s", len(unknown), root / SPEAKERS_FILE,
                     ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
     if not rows:

@@ -243,7 +243,8 @@ def partition_corpus(cfg: Config) -> dict:
     out = Path(d.partitions_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"data.partitions_dir {out} exists and is not a folder")
-    all_rows, rejects = scan_corpus(root, d.subsets, d.sample_rate, d.min_audio_length, d.scan_workers)
+    all_rows, rejects = scan_corpus(root, d.subsets, d.sample_rate, d.min_audio_length, d.scan_workers,
+                                    require_transcripts=d.require_transcripts)
     kept, held = split_heldout(all_rows, p.heldout_per_speaker, np.random.default_rng(derive_seed(cfg.seed, "heldout")))
     rows, heldout = [all_rows[i] for i in kept], [all_rows[i] for i in held]
     clients = assign_clients(rows, cfg)
@@ -258,7 +259,8 @@ def partition_corpus(cfg: Config) -> dict:
         "dirichlet_alpha": p.dirichlet_alpha if p.method == "dirichlet" else None,
         "valid_fraction": p.valid_fraction, "sample_rate": d.sample_rate, "librispeech_root": str(root),
         "subsets": sorted({r.subset for r in rows}), "hours": _hours(rows), "utterances": len(rows),
-        "speakers": len({r.speaker for r in rows}), "rejected": len(rejects), "clients": summaries,
+        "speakers": len({r.speaker for r in rows}), "rejected": len(rejects),
+        "untranscribed": sum(not r.transcript for r in all_rows), "clients": summaries,
         "heldout_per_speaker": p.heldout_per_speaker, "heldout_utterances": len(heldout),
         "heldout_hours": _hours(heldout),
     }

@@ -37,8 +37,10 @@ TINY = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attentio
 
 
 def make_config(root: Path, out: Path, *overrides: str) -> Config:
-    """The project config pointed at ``root`` (LibriSpeech) and ``out`` (partitions_dir)."""
-    return load_config(BASE_CONFIG, [f"data.librispeech_root={root}", f"data.partitions_dir={out}", *overrides])
+    """The project config pointed at ``root`` (LibriSpeech) and ``out`` (partitions_dir), scanning the
+    bundled slice's subset (an evaluation set: the default leaves it out) unless overridden."""
+    return load_config(BASE_CONFIG, [f"data.librispeech_root={root}", f"data.partitions_dir={out}",
+                                     f"data.subsets=[{SUBSET}]", *overrides])
 
 
 def copy_corpus(dest: Path, speakers: list[str] | None = None, utts_per_speaker: int | None = None) -> Path:

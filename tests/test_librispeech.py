@@ -17,8 +17,8 @@ from fedhubert.errors import DataError
 from fedhubert.librispeech import read_speakers, scan_corpus
 
 
-def scan(root, subsets=(), workers=4, sample_rate=16000, min_samples=400):
-    return scan_corpus(root, list(subsets), sample_rate, min_samples, workers)
+def scan(root, subsets=(SUBSET,), workers=4, sample_rate=16000, min_samples=400, **kwargs):
+    return scan_corpus(root, list(subsets), sample_rate, min_samples, workers, **kwargs)
 
 
 def test_bundled_corpus_manifest_matches_headers_and_metadata(bundled_copy):
@@ -49,12 +49,13 @@ def test_scan_reads_headers_only(bundled_copy, monkeypatch):
 
 def test_rejects_and_resampled_stereo(dirty_corpus, caplog):
     caplog.set_level(logging.WARNING)
-    rows, rejects = scan(dirty_corpus)
+    rows, rejects = scan(dirty_corpus, require_transcripts=True)
     reasons = {r.utt_id: r.reason for r in rejects}
     assert set(reasons) == set(BAD_FILES.values())
     assert "not readable audio" in reasons[BAD_FILES["corrupt"]]
     assert "empty file" in reasons[BAD_FILES["empty"]]
     assert "no transcript line" in reasons[BAD_FILES["untranscribed"]]
+    assert "data.require_transcripts" in reasons[BAD_FILES["untranscribed"]]
     assert "too short" in reasons[BAD_FILES["short"]] and "data.min_audio_length" in reasons[BAD_FILES["short"]]
     assert "4 of 21 audio files rejected" in caplog.text
 
@@ -101,21 +102,97 @@ def test_speakers_txt_names_with_pipes(tmp_path):
     assert read_speakers(tmp_path) == {"60": "M", "61": "F", "7": "unknown"}
 
 
-def test_every_subset_when_list_empty_and_named_subsets(tmp_path):
-    root = copy_corpus(tmp_path, speakers=["1688", "1998"], utts_per_speaker=2)
-    shutil.copytree(root / SUBSET / "1998", root / "dev-other" / "1998")
-    shutil.rmtree(root / SUBSET / "1998")
-    rows, _ = scan(root)
-    assert {(r.subset, r.speaker) for r in rows} == {(SUBSET, "1688"), ("dev-other", "1998")}
-    rows, _ = scan(root, subsets=["dev-other"])
-    assert {r.subset for r in rows} == {"dev-other"} and len(rows) == 2
+def test_untranscribed_audio_is_kept_unless_transcripts_are_required(dirty_corpus, caplog):
+    caplog.set_level(logging.INFO)
+    rows, rejects = scan(dirty_corpus)
+    assert {r.utt_id for r in rejects} == set(BAD_FILES.values()) - {BAD_FILES["untranscribed"]}
+    (kept,) = [r for r in rows if r.utt_id == BAD_FILES["untranscribed"]]
+    assert kept.transcript == "" and kept.speaker == "1998" and kept.sex == read_speakers(dirty_corpus)["1998"]
+    assert all(r.transcript for r in rows if r is not kept)
+    assert f"1 of {len(rows)} utterances kept without a transcript" in caplog.text
+    # a chapter folder without any .trans.txt: its correctly named files are kept too
+    for trans in (dirty_corpus / SUBSET / "2033").rglob("*.trans.txt"):
+        trans.unlink()
+    rows, _ = scan(dirty_corpus)
+    assert sum(not r.transcript for r in rows) == 1 + sum(r.speaker == "2033" for r in rows) > 2
+    _, rejects = scan(dirty_corpus, require_transcripts=True)
+    assert sum("no transcript line" in r.reason for r in rejects) == 1 + 5  # 4 copied + the 8 kHz stereo file
 
 
-@pytest.mark.parametrize("case", ["missing_root", "missing_subset", "empty_subset", "no_speakers_txt",
-                                  "nothing_usable"])
+def test_default_subsets_leave_out_evaluation_sets_and_named_ones_warn(tmp_path, caplog):
+    root = copy_corpus(tmp_path, speakers=["1688", "1998", "2033"], utts_per_speaker=2)
+    (root / "train-clean-100").mkdir()
+    (root / SUBSET / "1688").rename(root / "train-clean-100" / "1688")
+    (root / "dev-clean").mkdir()
+    (root / SUBSET / "1998").rename(root / "dev-clean" / "1998")
+    caplog.set_level(logging.INFO)
+    rows, _ = scan(root, subsets=[])
+    assert {(r.subset, r.speaker) for r in rows} == {("train-clean-100", "1688")}
+    assert "left out dev-clean, test-other" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    rows, _ = scan(root, subsets=["train-clean-100", SUBSET])
+    assert {(r.subset, r.speaker) for r in rows} == {("train-clean-100", "1688"), (SUBSET, "2033")}
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "data.subsets names test-other" in warning.message and "leaks test speech" in warning.message
+    shutil.rmtree(root / "train-clean-100")  # only evaluation sets left: the default scans nothing
+    with pytest.raises(DataError, match=r"no training subset folders .*\(dev-clean, test-other\).*data.subsets"):
+        scan(root, subsets=[])
+
+
+LIBRI_LIGHT_BOOKS = {  # speaker -> book folder, as Libri-Light names them
+    "1688": "sea_fairies_0812_librivox_64kb_mp3", "1998": "emma_0903_librivox_64kb_mp3",
+    "2033": "sea_fairies_0812_librivox_64kb_mp3"}  # the same book read by two speakers
+
+
+def libri_light_tree(tmp_path, per_speaker: int = 2):
+    """A Libri-Light-shaped root: small/<speaker>/<book>/<name>.flac, no transcripts, no SPEAKERS.TXT."""
+    root = tmp_path / "librilight"
+    for spk, book in LIBRI_LIGHT_BOOKS.items():
+        folder = root / "small" / spk / book
+        folder.mkdir(parents=True)
+        for j, src in enumerate(sorted((BUNDLED / SUBSET / spk).rglob("*.flac"))[:per_speaker]):
+            shutil.copy(src, folder / f"{j:02d}_{book.split('_')[0]}_64kb_{j}.flac")
+            (folder / f"{j:02d}_{book.split('_')[0]}_64kb_{j}.json").write_text('{"speaker": "%s"}' % spk)
+    return root
+
+
+def test_libri_light_layout(tmp_path, caplog):
+    root = libri_light_tree(tmp_path)
+    caplog.set_level(logging.INFO)
+    rows, rejects = scan(root, subsets=[])
+    assert not rejects and len(rows) == 6
+    assert {r.speaker for r in rows} == set(LIBRI_LIGHT_BOOKS) and {r.sex for r in rows} == {"unknown"}
+    assert len({r.utt_id for r in rows}) == 6  # 1688's and 2033's files share names in the same book
+    r = rows[0]
+    assert (r.subset, r.chapter, r.transcript) == ("small", LIBRI_LIGHT_BOOKS[r.speaker], "")
+    assert r.utt_id == r.path.removesuffix(".flac") == f"small/{r.speaker}/{r.chapter}/00_sea_64kb_0"
+    assert str(root / "SPEAKERS.TXT") in caplog.text and "sex is 'unknown'" in caplog.text
+    assert "6 of 6 utterances kept without a transcript" in caplog.text
+    with pytest.raises(DataError, match="no usable audio"):
+        scan(root, subsets=[], require_transcripts=True)
+
+
+def test_a_librispeech_named_file_must_sit_in_its_folders(tmp_path):
+    """A file named <spk>-<chapter>-<utt> is a LibriSpeech file: it must sit in <spk>/<chapter>/, and
+    its folder is a LibriSpeech chapter (every other name there is misnamed), also among Libri-Light files."""
+    root = copy_corpus(tmp_path / "ls", speakers=["1688", "1998"], utts_per_speaker=1)
+    (chapter,) = (root / SUBSET / "1998").iterdir()
+    shutil.copy(next((root / SUBSET / "1688").rglob("*.flac")), chapter / "1688-142285-0500.flac")
+    rows, rejects = scan(root)
+    assert len(rows) == 2 and [r.utt_id for r in rejects] == ["1688-142285-0500"]
+    root = libri_light_tree(tmp_path / "ll")
+    folder = root / "small" / "1998" / LIBRI_LIGHT_BOOKS["1998"]
+    shutil.copy(next(folder.glob("*.flac")), folder / "1998-1234-0001.flac")
+    rows, rejects = scan(root, subsets=[])
+    assert len(rows) == 4 and {r.path.rsplit("/", 2)[1] for r in rejects} == {folder.name} and len(rejects) == 3
+    assert all("<spk>-<chapter>-<utt>" in r.reason for r in rejects)
+
+
+@pytest.mark.parametrize("case", ["missing_root", "missing_subset", "empty_subset", "root_one_level_up",
+                                  "root_one_level_down", "nothing_usable"])
 def test_bad_roots_raise_data_error_naming_the_path(tmp_path, case):
     root = copy_corpus(tmp_path, speakers=["1688"], utts_per_speaker=1)
-    subsets, expect = [], str(root)
+    subsets, expect = [SUBSET], str(root)
     if case == "missing_root":
         root, expect = tmp_path / "nope", str(tmp_path / "nope")
     elif case == "missing_subset":
@@ -123,15 +200,25 @@ def test_bad_roots_raise_data_error_naming_the_path(tmp_path, case):
     elif case == "empty_subset":
         (root / "dev-clean").mkdir()
         subsets, expect = ["dev-clean"], str(root / "dev-clean")
-    elif case == "no_speakers_txt":
-        (root / "SPEAKERS.TXT").unlink()
-        expect = str(root / "SPEAKERS.TXT")
+    elif case in ("root_one_level_up", "root_one_level_down"):  # and no SPEAKERS.TXT there
+        root = root.parent if case == "root_one_level_up" else root / SUBSET
+        subsets, expect = [], "data.librispeech_root"
     else:
         for f in root.rglob("*.flac"):
             f.write_bytes(b"not audio at all")
     with pytest.raises(DataError) as err:
         scan(root, subsets)
     assert expect in str(err.value) and "\n" not in str(err.value)
+    assert case not in ("root_one_level_up", "root_one_level_down") or str(root) in str(err.value)
+
+
+def test_missing_speakers_txt_is_a_warning(tmp_path, caplog):
+    root = copy_corpus(tmp_path, speakers=["1688"], utts_per_speaker=2)
+    (root / "SPEAKERS.TXT").unlink()
+    caplog.set_level(logging.WARNING)
+    rows, _ = scan(root)
+    assert len(rows) == 2 and {r.sex for r in rows} == {"unknown"}
+    assert str(root / "SPEAKERS.TXT") in caplog.text and "speakers missing from" not in caplog.text
 
 
 def test_scan_workers_do_not_change_the_result(bundled_copy):

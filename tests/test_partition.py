@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BAD_FILES, STEREO_8K, copy_corpus
+from conftest import BAD_FILES, BUNDLED, STEREO_8K, SUBSET, copy_corpus
 from fedhubert.config import FRAME_LENGTH
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.librispeech import Utterance
@@ -78,8 +79,11 @@ def test_outputs_and_tsv_format(dirty_corpus, tmp_path, config_for):
     for name in ("manifest.csv", "rejects.csv", "summary.json", "summary.png"):
         assert (out / name).is_file(), name
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {r["utt_id"] for r in read_csv(out / "rejects.csv")} == set(BAD_FILES.values())
+    untranscribed = BAD_FILES["untranscribed"]  # kept by default: pretraining needs no transcript
+    assert {r["utt_id"] for r in read_csv(out / "rejects.csv")} == set(BAD_FILES.values()) - {untranscribed}
     assert all(r["reason"] for r in read_csv(out / "rejects.csv"))
+    assert [r["utt_id"] for r in read_csv(out / "manifest.csv") if not r["transcript"]] == [untranscribed]
+    assert json.loads((out / "summary.json").read_text())["untranscribed"] == 1
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
     manifest = {r["path"]: r for r in read_csv(out / "manifest.csv")}
     assert STEREO_8K in {r["utt_id"] for r in manifest.values()}
@@ -96,6 +100,37 @@ def test_outputs_and_tsv_format(dirty_corpus, tmp_path, config_for):
                 assert rel == r["path"] and int(n) == int(manifest[rel]["num_samples"])
     stereo = next(r for r in manifest.values() if r["utt_id"] == STEREO_8K)
     assert int(stereo["num_samples"]) == 2 * int(stereo["orig_num_samples"])  # 8 kHz -> 16 kHz
+
+
+def test_require_transcripts_rejects_untranscribed_audio(dirty_corpus, tmp_path, config_for):
+    out = tmp_path / "parts"
+    cfg = config_for(dirty_corpus, out, "partition.num_clients=2", "data.require_transcripts=true")
+    summary = partition_corpus(cfg)
+    reasons = {r["utt_id"]: r["reason"] for r in read_csv(out / "rejects.csv")}
+    assert set(reasons) == set(BAD_FILES.values()) and summary["untranscribed"] == 0
+    assert reasons[BAD_FILES["untranscribed"]].startswith("no transcript line")
+    assert all(r["transcript"] for r in read_csv(out / "manifest.csv"))
+
+
+def test_libri_light_tree_partitions_by_speaker(tmp_path, config_for):
+    root = tmp_path / "librilight"
+    books = {"1688": "sea_fairies_0812_librivox_64kb_mp3", "1998": "emma_0903_librivox_64kb_mp3",
+             "2033": "sea_fairies_0812_librivox_64kb_mp3", "2414": "ozma_of_oz_1004_librivox_64kb_mp3"}
+    for spk, book in books.items():  # Libri-Light: small/<speaker>/<book>/<name>.flac, nothing else
+        (root / "small" / spk / book).mkdir(parents=True)
+        for j, src in enumerate(sorted((BUNDLED / SUBSET / spk).rglob("*.flac"))[:3]):
+            shutil.copy(src, root / "small" / spk / book / f"{j:02d}_{book[:4]}_64kb_{j}.flac")
+    out = tmp_path / "p"
+    summary = partition_corpus(config_for(root, out, "data.subsets=[]", "partition.num_clients=4"))
+    assert (summary["speakers"], summary["utterances"], summary["untranscribed"]) == (4, 12, 12)
+    assert summary["subsets"] == ["small"] and summary["rejected"] == 0
+    owners = defaultdict(set)
+    for k in range(4):
+        for r in client_rows(out, k):
+            owners[r["speaker"]].add(k)
+            assert r["path"].startswith(f"small/{r['speaker']}/{books[r['speaker']]}/") and r["sex"] == "unknown"
+    assert set(owners) == set(books) and sorted(min(v) for v in owners.values()) == [0, 1, 2, 3]
+    assert all(len(v) == 1 for v in owners.values())
 
 
 def test_valid_split_rules():
@@ -218,7 +253,7 @@ def test_stale_clients_and_targets_are_removed(bundled_copy, tmp_path, config_fo
 def test_synthetic_espeak_speakers_five_clients(espeak_corpus, tmp_path, config_for):
     root, speakers = espeak_corpus
     out = tmp_path / "p"
-    summary = partition_corpus(config_for(root, out, "partition.num_clients=5"))
+    summary = partition_corpus(config_for(root, out, "partition.num_clients=5", "data.subsets=[]"))
     assert summary["speakers"] == len(speakers) >= 12 and summary["rejected"] == 0
     owners = defaultdict(set)
     for k in range(5):

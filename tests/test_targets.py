@@ -168,7 +168,7 @@ def test_scripts_end_to_end(tmp_path):
     """Both CLIs with --set overrides, as a user runs them; then a bad flag exits 2 with one line."""
     root = copy_corpus(tmp_path, speakers=["1688", "1998", "2033"], utts_per_speaker=3)
     sets = [f"--set=data.librispeech_root={root}", f"--set=data.partitions_dir={tmp_path / 'p'}",
-            "--set=partition.num_clients=3", "--set=kmeans.n_clusters=8"]
+            "--set=data.subsets=[test-other]", "--set=partition.num_clients=3", "--set=kmeans.n_clusters=8"]
     for script in ("partition_data.py", "generate_kmeans_targets.py"):
         done = subprocess.run([sys.executable, script, "--config", "configs/pretraining_config.yaml", *sets],
                               cwd=REPO, capture_output=True, text=True)
