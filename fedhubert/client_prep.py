@@ -31,12 +31,10 @@ import numpy as np
 from fedhubert.config import Config, num_frames
 from fedhubert.data import derive_seed, manifest_entries, read_text
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.features import feature_threads, make_features
 from fedhubert.fileio import atomic_write_text
 from fedhubert.librispeech import (CSV_COLUMNS, REJECT_COLUMNS, SPEAKERS_FILE, UNKNOWN_SEX, Reject, Utterance,
                                    measure_audio, read_headers, scan_corpus)
 from fedhubert.partition import SPLITS, TARGET_FILES, client_summary, split_valid, tsv_text, write_csv
-from fedhubert.targets import cluster_count, fitting_utterances, folder_targets
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +131,8 @@ def prepare_client(cfg: Config, audio: str | Path, out: str | Path, speaker_rule
     changed = _check_replaces(out, tsvs, overwrite)
     federated, features = cfg.kmeans.codebook == "federated", None
     if not federated:  # k-means must be possible (a checkpoint that loads, enough frames) before any write
+        from fedhubert.targets import cluster_count, fitting_utterances  # sklearn: only when this machine fits
+        from fedhubert.features import make_features
         features = make_features(cfg)
         fit = fitting_utterances(cfg, [r.num_samples for r in splits["train"]], SEED_KEY)
         cluster_count(sum(num_frames(splits["train"][i].num_samples) for i in fit), cfg, out.name)
@@ -160,6 +160,8 @@ def prepare_client(cfg: Config, audio: str | Path, out: str | Path, speaker_rule
         log.info("kmeans.codebook=federated: wrote the manifests only; train.km and valid.km come from the "
                  "federated k-means run (task=\"kmeans\" under the deployment engine, README \"On real machines\")")
         return summary
+    from fedhubert.features import feature_threads
+    from fedhubert.targets import folder_targets
     with feature_threads(features):
         summary["kmeans"] = folder_targets(cfg, out, SEED_KEY, features)
     return summary
