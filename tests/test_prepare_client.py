@@ -142,6 +142,8 @@ def test_a_client_folder_moved_with_its_audio_still_loads(site, tmp_path, monkey
     cfg = make_config(Path("nowhere"), Path("data/parts"), *LOCAL)
     for k in range(2):
         client = Path("data/parts") / f"client_{k}"
+        audio = ["audio_a/LibriSpeech", "audio_b"][k]  # the moved copy's audio, not the site's that is still there
+        assert read_manifest(client / "train.tsv")[0] == (tmp_path / "elsewhere" / "data" / audio).resolve()
         check_client_data(client, K)
         batch = next(iter(make_loader(client, "train", cfg, batch_size=2, seed=0, train=True)))
         assert len(batch) == 2 and batch.target_ids.max() < K + NUM_SPECIAL_SYMBOLS
