@@ -144,8 +144,8 @@ def prepare_client(cfg: Config, audio: str | Path, out: str | Path, speaker_rule
     # All checks passed: from here on only writes.
     stale = [out / name for name in TARGET_FILES if (out / name).exists()]
     if stale and (changed or (federated and (out / "kmeans.joblib").exists())):
-        log.warning("%s: removing k-means targets that are not this audio's%s (%s)", out,
-                    "" if changed else " federated labels", ", ".join(s.name for s in stale))
+        why = "they label other manifests" if changed else "per-client labels, not the federated codebook's"
+        log.warning("%s: removing %s (%s)", out, ", ".join(s.name for s in stale), why)
         for path in stale:
             path.unlink()
     write_csv(out / "rejects.csv", REJECT_COLUMNS, rejects)

@@ -211,6 +211,10 @@ def test_a_folder_of_another_clients_audio_is_refused_unless_overwrite(tmp_path)
     (tmp_path / "client" / "train.km").write_text("planted labels\n")  # as if the federated k-means ran
     prepare_client(cfg, mine, tmp_path / "client")  # the same audio again: fine, and its labels stay
     assert (tmp_path / "client" / "train.km").exists()
+    (tmp_path / "client" / "kmeans.joblib").write_bytes(b"planted")  # ... but per-client labels are not its
+    prepare_client(cfg, mine, tmp_path / "client")
+    assert not (tmp_path / "client" / "train.km").exists() and not (tmp_path / "client" / "kmeans.joblib").exists()
+    (tmp_path / "client" / "train.km").write_text("planted labels\n")
     before = {p.name: p.read_bytes() for p in (tmp_path / "client").iterdir()}
     with pytest.raises(DataError, match="train.tsv holds another client's manifest.*--overwrite"):
         prepare_client(cfg, other, tmp_path / "client")
