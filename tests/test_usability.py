@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 # script -> extra arguments it needs besides the one under test (a required --out)
 CONFIG_SCRIPTS = {"partition_data.py": [], "generate_kmeans_targets.py": [], "federated_hubert_pretraining.py": [],
                   "federated_distillation.py": [], "evaluate.py": [], "check_s3prl_load.py": [],
-                  "scripts/sweep_federation.py": ["--out", "sweep"], "scripts/compare_label_spaces.py": ["--out", "cmp"]}
+                  "scripts/sweep_federation.py": ["--out", "sweep"], "scripts/compare_label_spaces.py": ["--out", "cmp"],
+                  "prepare_client.py": ["--audio", "audio", "--out", "client"]}
 # script -> an option its --help must list
 OTHER_SCRIPTS = {"export_huggingface.py": "folder", "make_speech_commands.py": "--train-voices",
                  "run_s3prl_downstream.py": "--upstream"}
