@@ -72,11 +72,15 @@ def numbered_lines(path: Path, what: str) -> list[tuple[int, str]]:
 
 def manifest_entries(tsv: Path) -> tuple[Path, list[tuple[int, str, int]]]:
     """(audio root, [(line number, relative path, num_samples)]) of a fairseq ``.tsv`` manifest; every
-    malformed line is a DataError naming the file and line."""
+    malformed line is a DataError naming the file and line. A relative root (prepare_client.py writes one,
+    so a client folder can move with its audio) is relative to the manifest's folder: it comes back
+    resolved to an absolute path, so every reader gets a root that works from any working folder."""
     lines = numbered_lines(tsv, "manifest")
     if not lines or lines[0][0] != 1:
         raise DataError(f"{tsv}:1: line 1 must hold the audio root directory")
     root, entries = Path(lines[0][1].strip()), []
+    if not root.is_absolute():
+        root = (tsv.parent / root).resolve()
     for lineno, line in lines[1:]:
         fields = line.split("\t")
         size_text = fields[-1].strip()

@@ -16,6 +16,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from fedhubert.audio import probe_audio, resampled_length
 from fedhubert.errors import DataError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPEAKERS_FILE = "SPEAKERS.TXT"
 UNKNOWN_SEX = "unknown"
@@ -141,25 +143,42 @@ def _candidates(root: Path, subset: Path, rejects: list[Reject]) -> list[_Candid
 def _measure(c: _Candidate, root: Path, sexes: dict[str, str], sample_rate: int,
              min_samples: int) -> Utterance | Reject:
     """Header read of one candidate -> a manifest row, or a reject with the reason."""
-    rel = c.path.relative_to(root).as_posix()
+    return measure_audio(c.path, root, c.utt_id, c.speaker, sexes.get(c.speaker, UNKNOWN_SEX), c.chapter,
+                         c.subset, c.transcript, sample_rate, min_samples)
+
+
+def measure_audio(path: Path, root: Path, utt_id: str, speaker: str, sex: str, chapter: str, subset: str,
+                  transcript: str, sample_rate: int, min_samples: int) -> Utterance | Reject:
+    """Header read of one audio file -> a manifest row (its path relative to ``root``), or a reject with
+    the reason (unreadable, empty, no samples, shorter than ``min_samples`` at ``sample_rate``)."""
+    rel = path.relative_to(root).as_posix()
     try:
-        if c.path.stat().st_size == 0:
-            return Reject(rel, c.utt_id, "empty file (0 bytes)")
+        if path.stat().st_size == 0:
+            return Reject(rel, utt_id, "empty file (0 bytes)")
     except OSError as exc:  # e.g. a dangling symlink
-        return Reject(rel, c.utt_id, f"cannot read file ({exc.strerror})")
+        return Reject(rel, utt_id, f"cannot read file ({exc.strerror})")
     try:
-        info = probe_audio(c.path)
+        info = probe_audio(path)
     except DataError as exc:
-        return Reject(rel, c.utt_id, str(exc).split(": ", 1)[-1])
+        return Reject(rel, utt_id, str(exc).split(": ", 1)[-1])
     if info.num_frames <= 0:
-        return Reject(rel, c.utt_id, "no audio samples")
+        return Reject(rel, utt_id, "no audio samples")
     num_samples = resampled_length(info.num_frames, info.sample_rate, sample_rate)
     if num_samples < min_samples:
-        return Reject(rel, c.utt_id, f"too short: {num_samples} samples at {sample_rate} Hz "
-                                     f"< data.min_audio_length {min_samples}")
-    return Utterance(c.utt_id, c.speaker, sexes.get(c.speaker, UNKNOWN_SEX), c.chapter, c.subset, rel,
-                     info.sample_rate, info.num_frames, info.channels, sample_rate, num_samples,
-                     round(info.num_frames / info.sample_rate, 4), c.transcript)
+        return Reject(rel, utt_id, f"too short: {num_samples} samples at {sample_rate} Hz "
+                                   f"< data.min_audio_length {min_samples}")
+    return Utterance(utt_id, speaker, sex, chapter, subset, rel, info.sample_rate, info.num_frames, info.channels,
+                     sample_rate, num_samples, round(info.num_frames / info.sample_rate, 4), transcript)
+
+
+def read_headers(measure: Callable[[T], Utterance | Reject], items: Sequence[T],
+                 workers: int) -> tuple[list[Utterance], list[Reject]]:
+    """``measure`` of every item by a pool of ``workers`` threads (header reads wait on the disk, not the
+    CPU): (rows, rejects), each sorted by path."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(measure, items), total=len(items), desc="reading audio headers", unit="file"))
+    return (sorted((r for r in results if isinstance(r, Utterance)), key=lambda r: r.path),
+            sorted((r for r in results if isinstance(r, Reject)), key=lambda r: r.path))
 
 
 def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samples: int,
@@ -170,11 +189,8 @@ def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samp
     sexes = read_speakers(root)
     rejects: list[Reject] = []
     candidates = [c for d in dirs for c in _candidates(root, d, rejects)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda c: _measure(c, root, sexes, sample_rate, min_samples), candidates),
-                            total=len(candidates), desc="reading audio headers", unit="file"))
-    rows = sorted((r for r in results if isinstance(r, Utterance)), key=lambda r: r.path)
-    rejects = sorted(rejects + [r for r in results if isinstance(r, Reject)], key=lambda r: r.path)
+    rows, unusable = read_headers(lambda c: _measure(c, root, sexes, sample_rate, min_samples), candidates, workers)
+    rejects = sorted(rejects + unusable, key=lambda r: r.path)
     if rejects:
         log.warning("%d of %d audio files rejected (reasons in rejects.csv)", len(rejects),
                     len(rows) + len(rejects))

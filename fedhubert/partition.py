@@ -152,8 +152,9 @@ def split_valid(rows: Sequence[Utterance], idx: Sequence[int], fraction: float,
 # Writing
 # ---------------------------------------------------------------------------------------------------
 
-def tsv_text(root: Path, rows: Iterable[Utterance]) -> str:
-    """A fairseq manifest: the absolute audio root, then ``relative/path<TAB>num_samples`` lines."""
+def tsv_text(root: Path | str, rows: Iterable[Utterance]) -> str:
+    """A fairseq manifest: the audio root as given (absolute here; prepare_client.py writes it relative to the
+    manifest's folder: data.manifest_entries resolves it), then ``relative/path<TAB>num_samples`` lines."""
     return "".join([f"{root}\n"] + [f"{r.path}\t{r.num_samples}\n" for r in rows])
 
 
@@ -169,7 +170,7 @@ def _hours(rows: Iterable[Utterance]) -> float:
     return round(sum(r.duration for r in rows) / 3600, 4)
 
 
-def client_summary(k: int, splits: dict[str, list[Utterance]]) -> dict:
+def client_summary(k: int | str, splits: dict[str, list[Utterance]]) -> dict:
     """Hours, utterances, speakers and sex balance of one client."""
     every = splits["train"] + splits["valid"]
     speakers = {r.speaker: r.sex for r in every}

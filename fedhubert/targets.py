@@ -159,11 +159,16 @@ def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Pat
 
 
 def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures) -> dict:
-    """Fits client ``k``'s k-means on its train split (kmeans.percent of it); writes train.km,
-    valid.km, kmeans.joblib.
+    """Fits client ``k``'s k-means (``<data.partitions_dir>/client_<k>``): :func:`folder_targets`."""
+    return folder_targets(cfg, client_dir(cfg.data.partitions_dir, k), k, features)
+
+
+def folder_targets(cfg: Config, d: Path, k: int | str, features: MfccFeatures | HubertFeatures) -> dict:
+    """Fits the k-means of the client folder ``d`` on its train split (kmeans.percent of it); writes
+    train.km, valid.km, kmeans.joblib there. ``k`` (the client's number, or a name) seeds the sampling
+    and k-means.
 
     The three files appear together or not at all (renamed only after all are complete)."""
-    d = client_dir(cfg.data.partitions_dir, k)
     splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate) for s in SPLITS}
     train = splits["train"]
     train_frames, fit = train.num_frames, fitting_utterances(cfg, train.sizes, k)
