@@ -81,6 +81,10 @@ class Machines:
 
     def text(self, machine: str, block: str) -> str:
         """The block as it runs on ``machine``: host names, the bind address and ports substituted."""
+        # what is substituted must be there: a README with other ports would otherwise run on the real ones
+        assert "flower-superlink" not in block or "--port 9093" in block, block
+        assert "flower-supernode" not in block or ("--port 9094" in block and "partition-id=0" in block), block
+        assert set(re.findall(rf"{re.escape(HOST)}:(\d+)", block)) <= {"9093"}, block
         text = block.replace(HOST, "localhost").replace("0.0.0.0", "127.0.0.1")
         text = text.replace("9093", str(self.link_port))
         if machine.startswith("client"):
