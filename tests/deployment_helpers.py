@@ -1,4 +1,4 @@
-"""Helpers of the deployment-engine tests (test_deployment.py, test_supernode_killed.py): free loopback
+"""Helpers of the deployment-engine tests (test_readme_deployment.py, test_supernode_killed.py): free loopback
 ports, starting flower-superlink / flower-supernode / flwr in process groups of their own, waiting for a
 port, and stopping every group that was started (the ``processes`` fixture in conftest.py)."""
 

@@ -162,6 +162,9 @@ def test_a_supernode_killed_mid_round_fails_that_round_alone_and_rejoins(tmp_pat
     # Round 2: the restarted SuperNode (a new node id, the same partition) trained again.
     assert second["partitions_succeeded"] == [0, 1, 2] and second["failures"] == [], second
     assert second["node_of_partition"]["2"] == new_id
+    # each SuperNode kept its heads in its own data folder (no checkpoint-path given), not in the server's folder
+    assert (tmp_path / "partitions" / "client_0" / "heads" / "head_round_2.pt").is_file()
+    assert not (tmp_path / "ckpt" / "clients").exists()
     state = torch.load(tmp_path / "ckpt" / "server" / "round_2.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model_weight"].values())
     print(f"round 1 took {first['round_time_s']:.0f} s, round 2 {second['round_time_s']:.0f} s; "

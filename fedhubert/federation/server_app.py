@@ -229,9 +229,11 @@ app = ServerApp()
 
 
 def config_from_run_config(run_config: dict) -> Config:
-    """The run's Config from ``[tool.flwr.app.config]``'s ``config`` and ``overrides``."""
+    """The run's Config from ``[tool.flwr.app.config]``'s ``config`` and ``overrides``. The ServerApp runs
+    on the SuperLink's machine, in the folder flower-superlink was started in: ``~`` in ``config`` is that
+    machine's home and a relative path is relative to that folder (path keys alike: absolutize_paths)."""
     overrides = str(run_config.get("overrides", "")).split()
-    return load_config(str(run_config.get("config", "configs/pretraining_config.yaml")), overrides)
+    return load_config(Path(str(run_config.get("config", "configs/pretraining_config.yaml"))).expanduser(), overrides)
 
 
 @app.main()

@@ -110,19 +110,31 @@ def config_from_record(record: ConfigRecord) -> Config:
     return config_from_dict(json.loads(str(record[CONFIG_KEY])))
 
 
+def node_path(node_config: dict, key: str) -> Path | None:
+    """A path from the SuperNode's ``--node-config`` (e.g. ``data-path``), None when it is not given.
+    ``~`` is the SuperNode machine's home; a relative path is relative to the folder the SuperNode was
+    started in (its ClientApp processes run there)."""
+    value = node_config.get(key)
+    return Path(str(value)).expanduser().resolve() if value else None
+
+
 def client_data_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
     """A client's data folder: the node's ``data-path`` (deployment) or the partition's folder."""
-    if node_config.get("data-path"):
-        return Path(str(node_config["data-path"]))
-    return Path(cfg.data.partitions_dir) / f"client_{partition_id}"
+    return node_path(node_config, "data-path") or Path(cfg.data.partitions_dir) / f"client_{partition_id}"
+
+
+def node_heads_dir(node_config: dict) -> Path | None:
+    """Where a SuperNode keeps its own heads: its ``checkpoint-path``, else ``<data-path>/heads``; None
+    in a simulation (no data-path). Never a path of the server's: the ServerApp's checkpoint folder is
+    on another machine."""
+    data = node_path(node_config, "data-path")
+    return node_path(node_config, "checkpoint-path") or (data / "heads" if data else None)
 
 
 def client_checkpoint_dir(checkpoint_dir: str | Path, partition_id: int, node_config: dict) -> Path:
-    """Where a client keeps its own heads (kmeans.codebook=local) between rounds and runs: the node's
-    ``checkpoint-path`` (deployment), else ``<checkpoint_dir>/clients/client_<k>`` of the run."""
-    if node_config.get("checkpoint-path"):
-        return Path(str(node_config["checkpoint-path"]))
-    return Path(checkpoint_dir) / "clients" / f"client_{partition_id}"
+    """Where a client keeps its own heads (kmeans.codebook=local) between rounds and runs: on a
+    SuperNode, :func:`node_heads_dir`; in a simulation ``<checkpoint_dir>/clients/client_<k>`` of the run."""
+    return node_heads_dir(node_config) or Path(checkpoint_dir) / "clients" / f"client_{partition_id}"
 
 
 def head_files(folder: Path, prefix: str) -> list[tuple[int, Path]]:
@@ -132,19 +144,25 @@ def head_files(folder: Path, prefix: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _absolute(path: str) -> str:
+    """``~`` expanded (the home of the machine the ServerApp runs on), then relative to the current folder."""
+    return str(Path(path).expanduser().resolve())
+
+
 def absolutize_paths(cfg: Config) -> Config:
-    """Makes the config's paths absolute, so that clients in other processes find the same files."""
-    cfg.data.librispeech_root = str(Path(cfg.data.librispeech_root).resolve())
-    cfg.data.partitions_dir = str(Path(cfg.data.partitions_dir).resolve())
-    cfg.federation.checkpoint_dir = str(Path(cfg.federation.checkpoint_dir).resolve())
+    """Makes the config's paths absolute (``~`` expanded, relative ones against the folder the command, or
+    under ``flwr run`` the SuperLink, runs in), so that clients in other processes find the same files."""
+    cfg.data.librispeech_root = _absolute(cfg.data.librispeech_root)
+    cfg.data.partitions_dir = _absolute(cfg.data.partitions_dir)
+    cfg.federation.checkpoint_dir = _absolute(cfg.federation.checkpoint_dir)
     for section, key in ((cfg.kmeans, "checkpoint"), (cfg.federation, "init_checkpoint")):
         if getattr(section, key):  # empty means "none", not the current folder
-            setattr(section, key, str(Path(getattr(section, key)).resolve()))
+            setattr(section, key, _absolute(getattr(section, key)))
     d = cfg.distillation
-    d.teacher_model_path = str(Path(d.teacher_model_path).resolve())
-    d.checkpoint_dir = str(Path(d.checkpoint_dir).resolve())
+    d.teacher_model_path = _absolute(d.teacher_model_path)
+    d.checkpoint_dir = _absolute(d.checkpoint_dir)
     if d.teacher_heads_dir:
-        d.teacher_heads_dir = str(Path(d.teacher_heads_dir).resolve())
+        d.teacher_heads_dir = _absolute(d.teacher_heads_dir)
     return cfg
 
 

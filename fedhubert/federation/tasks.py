@@ -30,7 +30,7 @@ from fedhubert.distill import (DistillationLoss, DistillationModel, freeze, init
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.federation.metrics import CURVES, HEALTH_CURVES
 from fedhubert.federation.task import (build_model, client_checkpoint_dir, file_sha1, head_files, head_is_federated,
-                                       is_head_param, targets_fingerprint)
+                                       is_head_param, node_heads_dir, node_path, targets_fingerprint)
 from fedhubert.model import HEAD_PARAM_PREFIXES, HubertBase
 from fedhubert.train import LossFn, pretraining_loss
 
@@ -179,7 +179,7 @@ def init_from_checkpoint(cfg: Config, codebook_sha1: str | None = None) -> tuple
 
 def teacher_file(cfg: Config, node_config: dict) -> Path:
     """The teacher checkpoint: the node's ``teacher-path`` (deployment), else distillation.teacher_model_path."""
-    path = Path(str(node_config.get("teacher-path") or cfg.distillation.teacher_model_path))
+    path = node_path(node_config, "teacher-path") or Path(cfg.distillation.teacher_model_path)
     if not path.is_file():
         raise DataError(f"teacher checkpoint not found: {path} (distillation.teacher_model_path): "
                         "run ./run_pretraining.sh with the same config first")
@@ -212,11 +212,11 @@ def teacher_config(cfg: Config, node_config: dict) -> Config:
 
 
 def teacher_head_dir(cfg: Config, partition_id: int, node_config: dict) -> Path:
-    """Where client k's pretraining heads are: the node's ``checkpoint-path`` (deployment: the same
-    folder its pretraining wrote), else ``<teacher_heads_dir>/client_<k>`` (default: the clients/
-    folder beside the teacher's server/ folder)."""
-    if node_config.get("checkpoint-path"):
-        return Path(str(node_config["checkpoint-path"]))
+    """Where client k's pretraining heads are: on a SuperNode the folder its pretraining wrote
+    (task.node_heads_dir: ``checkpoint-path``, else ``<data-path>/heads``), else
+    ``<teacher_heads_dir>/client_<k>`` (default: the clients/ folder beside the teacher's server/ folder)."""
+    if (heads := node_heads_dir(node_config)) is not None:
+        return heads
     d = cfg.distillation
     base = Path(d.teacher_heads_dir) if d.teacher_heads_dir else Path(d.teacher_model_path).parent.parent / "clients"
     return base / f"client_{partition_id}"
