@@ -127,6 +127,7 @@ class TrainingConfig:
     feature_pen_weight: float = knob(10.0, "weight of the CNN feature L2 penalty", low=0.0)
     device: str = knob("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     memory_budget_gb: float = knob(0.0, "memory for batch_size=auto (0 = half the free RAM / GPU memory)", low=0.0)
+    loader_workers: int = knob(0, "DataLoader processes per client reading and cropping audio while it trains (0 = in the training process)", low=0, high=64)
 
 
 @dataclass
