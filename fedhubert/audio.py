@@ -64,7 +64,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
     wav = _mono(data)
     if rate != sample_rate:
         wav = _resampler(int(rate), int(sample_rate))(wav)
-    return wav.contiguous()
+    return wav.contiguous()  # a no-op unless resampled
 
 
 def load_crop(path: str | os.PathLike, sample_rate: int, offset: int, length: int) -> tuple[torch.Tensor, int]:
@@ -81,7 +81,7 @@ def load_crop(path: str | os.PathLike, sample_rate: int, offset: int, length: in
                 if offset >= total:  # seeking there fails; the caller reports the stale length
                     return torch.zeros(0), total
                 f.seek(offset)
-                return _mono(f.read(length, dtype="float32", always_2d=True)).contiguous(), total
+                return _mono(f.read(length, dtype="float32", always_2d=True)), total
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
         raise DataError(f"{path}: cannot decode audio ({_short(exc)})") from None
     wav = load_audio(path, sample_rate)
@@ -89,8 +89,9 @@ def load_crop(path: str | os.PathLike, sample_rate: int, offset: int, length: in
 
 
 def _mono(data: np.ndarray) -> torch.Tensor:
-    """``[frames, channels]`` float32 samples as one channel ``[frames]`` (channels averaged)."""
-    return torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+    """``[frames, channels]`` float32 samples as one contiguous channel ``[frames]`` (channels averaged).
+    Copied by numpy: a torch copy of this size wakes every intra-op thread of a busy training process."""
+    return torch.from_numpy(np.ascontiguousarray(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]))
 
 
 @functools.lru_cache(maxsize=16)
