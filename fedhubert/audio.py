@@ -2,7 +2,8 @@
 resampled file will have (so manifests can list it from the header alone, without decoding).
 
 torchaudio >= 2.9 has no ``torchaudio.load``; soundfile reads every format libsndfile knows (FLAC,
-WAV, OGG, ...). Every module loads audio through :func:`load_audio`.
+WAV, OGG, ...). Every module loads audio through :func:`load_audio`, or :func:`load_crop` when it needs
+only a stretch of the file (a training crop: only those frames are decoded).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
@@ -59,10 +61,37 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
         raise DataError(f"{path}: cannot decode audio ({_short(exc)})") from None
     if data.shape[0] == 0:
         raise DataError(f"{path}: audio is empty (0 samples)")
-    wav = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+    wav = _mono(data)
     if rate != sample_rate:
         wav = _resampler(int(rate), int(sample_rate))(wav)
-    return wav.contiguous()
+    return wav.contiguous()  # a no-op unless resampled
+
+
+def load_crop(path: str | os.PathLike, sample_rate: int, offset: int, length: int) -> tuple[torch.Tensor, int]:
+    """(samples ``[offset, offset + length)`` of ``load_audio(path, sample_rate)``, the whole file's length
+    at ``sample_rate``). A file at ``sample_rate`` is sought to ``offset`` and only ``length`` frames are
+    decoded, bit-identical to slicing the whole decode (libsndfile seeks FLAC and PCM to the exact sample).
+    A file at another rate is decoded whole and resampled, then sliced: resampling a stretch alone would
+    differ from the whole file's samples by rounding near its edges. A crop past the end comes back
+    short; the caller compares the length with its manifest (the header's, for a range read)."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if f.samplerate == sample_rate and f.seekable():
+                total = int(f.frames)
+                if offset >= total:  # seeking there fails; the caller reports the stale length
+                    return torch.zeros(0), total
+                f.seek(offset)
+                return _mono(f.read(length, dtype="float32", always_2d=True)), total
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise DataError(f"{path}: cannot decode audio ({_short(exc)})") from None
+    wav = load_audio(path, sample_rate)
+    return wav[offset:offset + length].clone(), int(wav.shape[-1])  # clone: not the whole decode kept alive
+
+
+def _mono(data: np.ndarray) -> torch.Tensor:
+    """``[frames, channels]`` float32 samples as one contiguous channel ``[frames]`` (channels averaged).
+    Copied by numpy: a torch copy of this size wakes every intra-op thread of a busy training process."""
+    return torch.from_numpy(np.ascontiguousarray(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]))
 
 
 @functools.lru_cache(maxsize=16)

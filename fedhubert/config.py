@@ -128,6 +128,7 @@ class TrainingConfig:
     feature_pen_weight: float = knob(10.0, "weight of the CNN feature L2 penalty", low=0.0)
     device: str = knob("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     memory_budget_gb: float = knob(0.0, "memory for batch_size=auto (0 = half the free RAM / GPU memory)", low=0.0)
+    loader_workers: int = knob(0, "DataLoader processes per client reading and cropping audio while it trains (0 = in the training process)", low=0, high=64)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class FederationConfig:
     trim_fraction: float = knob(0.2, "trimmed_mean: share of the clients cut from each end per coordinate, int(trim_fraction x clients) each (0.2 cuts nothing below 5 clients)", low=0.0, high=0.5)
     round_timeout: float = knob(3600.0, "seconds to wait for client replies in a round", low=1.0)
     client_num_cpus: float = knob(1.0, "CPU cores reserved per simulated client", low=0.0)
-    client_num_gpus: float = knob(0.0, "GPUs reserved per simulated client (fractions share one)", low=0.0)
+    client_num_gpus: float | str = knob("auto", "GPUs reserved per simulated client: a fraction shares one (0.5: two clients per GPU, each batch_size=auto budgeting half of it); auto = 1 when CUDA is visible and training.device is not cpu, else 0", low=0.0, high=1.0, choices=("auto",))
     wire_dtype: str = knob("float32", "dtype of weights on the wire", choices=("float32", "float16", "bfloat16"))
     checkpoint_dir: str = knob("checkpoints/pretraining", "server/ and clients/ checkpoints, metrics and plots")
     keep_last_checkpoints: int = knob(3, "round_<r>.pt files kept", low=1)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fedhubert.audio import load_audio
+from fedhubert.audio import load_crop
 from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Config, num_frames
-from fedhubert.errors import DataError
+from fedhubert.errors import DataError, FedHubertError
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +194,19 @@ class ClientDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         size = self.sizes[index]
         path = self.root / self.paths[index]
-        wav = load_audio(path, self.sample_rate)  # decoded once; cropped below
-        if wav.shape[-1] != size:
-            raise DataError(f"{path}: decoded {wav.shape[-1]} samples at {self.sample_rate} Hz but "
-                            f"{self.tsv} lists {size}; the .tsv/.km files are stale, rebuild them")
         offset = self.crop_offset(index, epoch)
         length = min(size, self.crop)
+        # only the crop's frames are decoded (a 16 kHz file): a LibriSpeech utterance averages ~12 s
+        wav, total = load_crop(path, self.sample_rate, offset, length)
+        if total != size:
+            raise DataError(f"{path}: holds {total} samples at {self.sample_rate} Hz but "
+                            f"{self.tsv} lists {size}; the .tsv/.km files are stale, rebuild them")
+        if wav.shape[-1] != length:
+            raise DataError(f"{path}: decoded {wav.shape[-1]} of the {length} samples from sample {offset} "
+                            f"that its header promises; the file is truncated or corrupt")
         first = self.label_starts[index] + offset // FRAME_STRIDE
         labels = self.labels[first:first + num_frames(length)]
-        # clone: the crop must not keep the whole decoded utterance alive
-        return Item(wav[offset:offset + length].clone(), torch.from_numpy(labels.astype(np.int64)),
-                    index, offset)
+        return Item(wav, torch.from_numpy(labels.astype(np.int64)), index, offset)
 
 
 class EpochSampler(Sampler):
@@ -254,18 +256,21 @@ class Batch:
 
 
 def collate(items: list[Item]) -> Batch:
-    """Zero-pads crops to the longest; frames past a crop's own frames get IGNORE_INDEX."""
+    """Zero-pads crops to the longest; frames past a crop's own frames get IGNORE_INDEX.
+
+    Built in numpy: torch fills and copies of over 32k elements wake every intra-op thread, which made
+    the loader 3-4x slower in a training process sharing busy cores (benchmarks/bench_loader.py)."""
     lengths = [it.waveform.shape[0] for it in items]
     longest = max(lengths)
-    waveforms = torch.zeros(len(items), longest, dtype=torch.float32)
-    padding_mask = torch.ones(len(items), longest, dtype=torch.bool)
-    target_ids = torch.full((len(items), num_frames(longest)), IGNORE_INDEX, dtype=torch.long)
+    waveforms = np.zeros((len(items), longest), dtype=np.float32)
+    padding_mask = np.ones((len(items), longest), dtype=bool)
+    target_ids = np.full((len(items), num_frames(longest)), IGNORE_INDEX, dtype=np.int64)
     for b, (it, n) in enumerate(zip(items, lengths)):
-        waveforms[b, :n] = it.waveform
+        waveforms[b, :n] = it.waveform.numpy()
         padding_mask[b, :n] = False
-        target_ids[b, :len(it.labels)] = it.labels + NUM_SPECIAL_SYMBOLS
-    return Batch(waveforms, padding_mask, target_ids, lengths, [it.index for it in items],
-                 [it.offset for it in items])
+        target_ids[b, :len(it.labels)] = it.labels.numpy() + NUM_SPECIAL_SYMBOLS
+    return Batch(torch.from_numpy(waveforms), torch.from_numpy(padding_mask), torch.from_numpy(target_ids), lengths,
+                 [it.index for it in items], [it.offset for it in items])
 
 
 def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> Batch:
@@ -278,14 +283,36 @@ def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> Batch:
                     for i in range(batch_size)])
 
 
+class ClientLoader(DataLoader):
+    """A DataLoader whose worker processes' errors reach the caller as the one line they were raised with:
+    torch re-raises a worker's exception with the worker's whole traceback as its message."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            yield from super().__iter__()
+        except FedHubertError as exc:
+            text = str(exc)
+            if not text.startswith("Caught "):
+                raise
+            raise type(exc)(text.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]) from None
+
+
 def make_loader(client_dir: str | Path, split: str, cfg: Config, *, batch_size: int, seed: int,
-                train: bool, num_workers: int = 0) -> DataLoader:
+                train: bool, num_workers: int | None = None) -> DataLoader:
     """Batches of one client split. ``train`` shuffles and crops at random (from ``seed``); otherwise
-    the order is fixed and crops start at 0. The last, smaller batch is kept."""
+    the order is fixed and crops start at 0. The last, smaller batch is kept.
+
+    ``num_workers`` (default training.loader_workers) processes read and crop the audio while the model
+    trains; the batches are the same as with none, since every crop is a pure function of (seed, epoch,
+    index). They stay up between epochs, and torch gives each one thread. The generator seeds them
+    (torch draws their seeds from it each epoch, from the global RNG without it)."""
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1 for {client_dir}/{split}, got {batch_size}")
+    workers = cfg.training.loader_workers if num_workers is None else num_workers
     dataset = ClientDataset(client_dir, split, cfg, train, seed=seed)
     sampler = EpochSampler(len(dataset), seed, shuffle=train)
-    log.debug("%s/%s: %d utterances, batch size %d", client_dir, split, len(dataset), batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, drop_last=False, pin_memory=False)
+    log.debug("%s/%s: %d utterances, batch size %d, %d loader workers", client_dir, split, len(dataset),
+              batch_size, workers)
+    return ClientLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=workers, persistent_workers=workers > 0, drop_last=False, pin_memory=False,
+                        generator=torch.Generator().manual_seed(derive_seed(seed, "loader")))

@@ -210,15 +210,16 @@ def run_evaluation(cfg: Config, rows: list[str] | None = None, federated_round: 
                    overwrite: bool = False) -> dict[str, Any]:
     """Measures every row on the same data and writes evaluation.json (with the config), .md and .png.
     Returns the results. ``federated_round``: evaluate that round's global model instead of the best one
-    (see row_specs). An output folder evaluated with another config (but the rows and the device) is
-    refused, or with ``overwrite`` moved aside (rundir.check_earlier_output): a rerun of the same config
-    replaces the table whole; the centralized model and caches are reused while their fingerprints hold."""
+    (see row_specs). An output folder evaluated with another config (but the rows, the device and the
+    loader workers) is refused, or with ``overwrite`` moved aside (rundir.check_earlier_output): a rerun
+    of the same config replaces the table whole; the centralized model and caches are reused while their
+    fingerprints hold."""
     from fedhubert.federation.rundir import check_earlier_output
     from fedhubert.report import write_report
 
     out = Path(cfg.evaluation.output_dir)
     check_earlier_output(cfg, out, out / "evaluation.json", "evaluation.output_dir", EVALUATION_INPUTS, overwrite,
-                         ignore=("evaluation.rows", "training.device"))
+                         ignore=("evaluation.rows", "training.device", "training.loader_workers"))
     rows = list(rows or cfg.evaluation.rows)
     device = resolve_device(cfg.training.device)
     for k in range(cfg.partition.num_clients):  # masked prediction and the targets' quality read them: check them first

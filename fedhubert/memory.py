@@ -118,9 +118,18 @@ def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
 
 
 def memory_budget(cfg: Config, device: torch.device) -> float:
-    """Bytes for training: training.memory_budget_gb (GiB), else half the free memory."""
+    """Bytes for training: training.memory_budget_gb (GiB), else half the free memory; on a GPU shared by
+    simulated clients (federation.client_num_gpus below 1), half of at most this client's share of it."""
     if cfg.training.memory_budget_gb > 0:
         return cfg.training.memory_budget_gb * 2**30
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2
+        free, total = torch.cuda.mem_get_info(device)
+        return min(free, total * gpu_share(cfg)) / 2
     return psutil.virtual_memory().available / 2
+
+
+def gpu_share(cfg: Config) -> float:
+    """The share of its GPU a simulated client may fill: federation.client_num_gpus when a fraction (Ray
+    puts 1 / fraction clients on one GPU, which probe and train at once), else all of it."""
+    share = cfg.federation.client_num_gpus
+    return float(share) if isinstance(share, float) and 0 < share < 1 else 1.0

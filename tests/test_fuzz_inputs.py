@@ -148,15 +148,29 @@ def bad_value(tp: object, meta: dict) -> st.SearchStrategy:
         choices = meta.get("choices")
         wrong = st.one_of(st.integers(), FLOATS, st.booleans(), OTHER, NUL_TEXT)
         return st.one_of(wrong, st.text(max_size=12).filter(lambda t: t not in choices)) if choices else wrong
+    other_text = st.text(max_size=8).filter(lambda t: t not in meta["choices"] and not _reads_as_number(t))
+    if float in typing.get_args(tp):  # float | str (federation.client_num_gpus): out of range, or another string
+        return st.one_of(_floats(meta), st.booleans(), other_text)
     # int | str (training.batch_size): neither a positive integer nor one of the strings
-    return st.one_of(_ints(meta), FLOATS, st.booleans(), st.text(max_size=8).filter(lambda t: t not in meta["choices"]))
+    return st.one_of(_ints(meta), FLOATS, st.booleans(), other_text)
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether the config loader may read ``text`` as a number (Python's float(), or YAML's 0x1, 1_0, ...)."""
+    with contextlib.suppress(ValueError):
+        float(text)
+        return True
+    try:
+        return isinstance(yaml.safe_load(text), (int, float))
+    except yaml.YAMLError:
+        return False
 
 
 NAME = st.text(min_size=1, max_size=10).filter(lambda t: t == t.strip() and "." not in t and "=" not in t)
 
 
 def family(tp: object) -> str:
-    """The kind of a key's type: bool, int, float, str, list or int|str."""
+    """The kind of a key's type: bool, int, float, str, list or int|str (a number or one of some strings)."""
     if typing.get_origin(tp) is list:
         return "list"
     return tp.__name__ if isinstance(tp, type) else "int|str"
