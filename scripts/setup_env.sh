@@ -1,19 +1,21 @@
 # Source this (run_tests.sh, run_demo.sh and run_pretraining.sh do): it makes .venv with plain pip
-# when it is missing or older than requirements.txt, installs espeak-ng when missing, and sets the
-# environment every run needs. Safe to source in an interactive shell from any folder: it changes no
-# shell options and not the working directory (the scripts find the repository themselves).
+# when it is missing or was installed from another requirements.txt or requirements.lock (the verified
+# version of every package, as pip constraints; scripts/lock_requirements.py regenerates it), installs
+# espeak-ng when missing, and sets the environment every run needs. Safe to source in an interactive
+# shell from any folder: it changes no shell options and not the working directory (the scripts find
+# the repository themselves).
 _FEDHUBERT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 (
   set -euo pipefail
   root="$_FEDHUBERT_ROOT"
   venv="$root/.venv"
-  want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+  want="$(cat "$root/requirements.txt" "$root/requirements.lock" | sha256sum | cut -d' ' -f1)"
   if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing the Python stack into .venv (a few minutes, once)"
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
+    "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt" -c "$root/requirements.lock"
     echo "$want" > "$venv/.requirements.sha256"
   fi
   if ! command -v espeak-ng >/dev/null 2>&1; then
