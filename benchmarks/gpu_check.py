@@ -111,8 +111,9 @@ def auto_batch_part(args: argparse.Namespace) -> dict:
     from fedhubert.train import plan_auto_batch, train_local
 
     device = torch.device(args.device)
-    overrides = [f"training.memory_budget_gb={args.budget_gb}", "training.batch_size=auto", "training.max_local_steps=2",
-                 f"data.max_audio_length={int(args.seconds * 16000)}", f"training.device={args.device}"]
+    overrides = [f"training.memory_budget_gb={args.budget_gb}", "training.batch_size=auto",
+                 "training.max_local_steps=2", f"data.max_audio_length={int(args.seconds * 16000)}",
+                 f"training.device={args.device}"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides) if args.size == "tiny" else \
         load_config(ROOT / "configs" / "pretraining_config.yaml", overrides)
     assert isinstance(cfg, Config)
@@ -123,6 +124,7 @@ def auto_batch_part(args: argparse.Namespace) -> dict:
         batches = [synthetic_batch(cfg, plan.size, seed=i) for i in range(2)]  # full crops: the worst case
         train_local(model, batches, cfg, device, seed=0)
     return {"part": "auto_batch", "size": args.size, "seconds": args.seconds, "batch": plan.size,
+            "precision": cfg.training.precision,
             "budget_bytes": plan.budget, "predicted_peak_bytes": plan.predicted_peak,
             "per_crop_bytes": plan.per_sample, "peak_bytes": max(probes, mem.peak_bytes)}
 
@@ -254,17 +256,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     auto = run_part(args, "auto_batch")
     rows.append(auto)
     fits = "within" if auto["peak_bytes"] <= auto["budget_bytes"] else "OVER"
-    emit(f"| batch_size auto ({auto['size']}, {auto['seconds']:g} s crops) | {auto['batch']} crops "
-         f"(~{gib(auto['per_crop_bytes'])} a crop); predicted peak {gib(auto['predicted_peak_bytes'])}, measured "
+    emit(f"| batch_size auto ({auto['size']} {auto['precision']}, {auto['seconds']:g} s crops) | "
+         f"{auto['batch']} crops (~{gib(auto['per_crop_bytes'])} a crop); predicted peak "
+         f"{gib(auto['predicted_peak_bytes'])}, measured "
          f"{gib(auto['peak_bytes'])}: {fits} the {gib(auto['budget_bytes'])} budget |")
     ckpt_precision = "bf16" if on_cuda else "fp32"
     plain = next(r for r in rows if r.get("precision") == ckpt_precision and r["part"] == "step")
     ckpt = run_part(args, "step", precision=ckpt_precision, checkpointing=True)
     rows.append(ckpt)
     saved = plain["peak_bytes"] - ckpt["peak_bytes"]
+    share = 100 * saved / max(plain["peak_bytes"], 1)
     emit(f"| gradient checkpointing ({ckpt_precision}, {args.batch} x {args.seconds:g} s) | peak "
          f"{gib(ckpt['peak_bytes'])} vs {gib(plain['peak_bytes'])} without: saves {gib(max(saved, 0))} "
-         f"({100 * saved / max(plain['peak_bytes'], 1):.0f}%), {ckpt['s_per_step'] / plain['s_per_step']:.2f}x the step time |")
+         f"({share:.0f}%), {ckpt['s_per_step'] / plain['s_per_step']:.2f}x the step time |")
     skip = set(filter(None, args.skip.split(",")))
     if on_cuda and "simulation" in skip:
         emit("| 1-round simulation, client_num_gpus 0.5 | skipped (--skip simulation) |")

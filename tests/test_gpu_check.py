@@ -31,7 +31,7 @@ def test_the_cpu_table_says_what_it_skipped(gpu_check, tmp_path: Path) -> None:
         assert f"| step tiny {precision} (1 x 1 s, SDPA) |" in table
     assert "| step fp16 +GradScaler | skipped (no CUDA)" in table
     assert "| 1-round simulation, client_num_gpus 0.5 | skipped (no CUDA)" in table
-    assert "| batch_size auto (tiny, 1 s crops) |" in table and "| gradient checkpointing (fp32" in table
+    assert "| batch_size auto (tiny fp32, 1 s crops) |" in table and "| gradient checkpointing (fp32" in table
     assert "| s3prl load check | skipped (--skip s3prl) |" in table
     assert "GFLOP/s (peak unknown for this device)" in table  # FLOPs counted; no peak for a CPU
     result = json.loads(out.read_text())
