@@ -204,20 +204,20 @@ def step_line(row: dict, flops: float | None, name: str) -> str:
     flop_text = f"{rate} ({share})" if tflops is not None else "FLOPs not counted"
     return (f"| step {row['size']} {row['precision']}{' +GradScaler' if row['precision'] == 'fp16' else ''} "
             f"({row['batch']} x {row['seconds']:g} s, SDPA) | {row['s_per_step']:.3f} s/step, "
-            f"{row['audio_s_per_s']:.1f} audio s/s, {flop_text}, peak {gib(row['peak_bytes'])} |")
+            f"{row['audio_s_per_s']:.3g} audio s/s, {flop_text}, peak {gib(row['peak_bytes'])} |")
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     cuda = torch.cuda.is_available()
     parser.add_argument("--smoke", action="store_true", help="the smallest CPU run: tiny model, 1 crop of 1 s, 1 step")
-    parser.add_argument("--size", default="base", choices=("tiny", "base"))
+    parser.add_argument("--size", default="base", choices=("tiny", "base"), help="HuBERT Base or the demo's model")
     parser.add_argument("--batch", type=int, default=8 if cuda else 1, help="crops per step in the step rows")
     parser.add_argument("--seconds", type=float, default=10.0 if cuda else 2.5, help="seconds per crop")
     parser.add_argument("--steps", type=int, default=5 if cuda else 2, help="timed steps (median), after 1 warm-up")
     parser.add_argument("--budget-gb", type=float, default=0.0 if cuda else 2.0,
                         help="training.memory_budget_gb of the auto row (0: the default, half the free memory)")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu forces the CPU parts on a GPU machine")
     parser.add_argument("--in-process", action="store_true", help="no fresh process per part (memory less exact)")
     parser.add_argument("--skip", default="", help="comma list of parts not to run: s3prl, simulation")
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
