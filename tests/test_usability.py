@@ -100,11 +100,13 @@ def test_setup_env_reinstalls_when_the_lock_changes(repo_copy, tmp_path):
 
     current = source()
     assert current.returncode == 0 and "installing" not in current.stdout + current.stderr
+    stamp = (repo_copy / ".venv" / ".requirements.sha256").read_text()
     with (repo_copy / "requirements.lock").open("a") as f:
         f.write("numpy==0.0.1\n")
     changed = source()
     assert changed.returncode == 1 and "setup: installing the Python stack" in changed.stdout
     assert "python3 -m venv" in changed.stderr and "setup: failed" in changed.stderr
+    assert (repo_copy / ".venv" / ".requirements.sha256").read_text() == stamp  # so the next run tries again
 
 
 def test_setup_env_keeps_the_folder_and_shell_scripts_take_relative_configs(repo_copy, tmp_path):
