@@ -211,11 +211,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     cuda = torch.cuda.is_available()
     parser.add_argument("--smoke", action="store_true", help="the smallest CPU run: tiny model, 1 crop of 1 s, 1 step")
-    parser.add_argument("--size", default="base", choices=("tiny", "base"), help="HuBERT Base or the demo's model")
-    parser.add_argument("--batch", type=int, default=8 if cuda else 1, help="crops per step in the step rows")
+    # CPU defaults: the demo's model (a Base bf16 step takes ~1.5 min on a CPU without bf16 units; --size base)
+    parser.add_argument("--size", default="base" if cuda else "tiny", choices=("tiny", "base"),
+                        help="HuBERT Base or the demo's model")
+    parser.add_argument("--batch", type=int, default=8 if cuda else 2, help="crops per step in the step rows")
     parser.add_argument("--seconds", type=float, default=10.0 if cuda else 2.5, help="seconds per crop")
     parser.add_argument("--steps", type=int, default=5 if cuda else 1, help="timed steps (median), after 1 warm-up")
-    parser.add_argument("--budget-gb", type=float, default=0.0 if cuda else 2.0,
+    parser.add_argument("--budget-gb", type=float, default=0.0 if cuda else 1.0,
                         help="training.memory_budget_gb of the auto row (0: the default, half the free memory)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu forces the CPU parts on a GPU machine")
     parser.add_argument("--in-process", action="store_true", help="no fresh process per part (memory less exact)")

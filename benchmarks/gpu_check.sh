@@ -3,11 +3,12 @@
 # (+GradScaler) with SDPA attention (audio s/s, model FLOP/s and its share of the GPU's peak), batch_size=auto's
 # choice and the peak memory training at it reaches, gradient checkpointing's memory saving, a 1-round
 # simulation with federation.client_num_gpus 0.5 and the s3prl load check of its model. Under 8 minutes on an
-# H100/H200-class GPU. Without CUDA it runs the CPU parts (a Base step with 1 crop of 2.5 s, fp32 and bf16;
-# batch_size=auto with a 2 GiB budget; checkpointing; s3prl on a fresh model; about 3 minutes on 2 idle
-# cores) and prints "skipped (no CUDA): ..." for the rest. Sets up .venv first (scripts/setup_env.sh).
+# H100/H200-class GPU. Without CUDA it runs the CPU parts with the demo's model (fp32 and bf16 steps of 2 x 2.5 s
+# crops; batch_size=auto with a 1 GiB budget; checkpointing; s3prl on a fresh model) and prints
+# "skipped (no CUDA): ..." for the rest. Sets up .venv first (scripts/setup_env.sh).
 #   benchmarks/gpu_check.sh                    # the machine's defaults
-#   benchmarks/gpu_check.sh --smoke            # the smallest CPU run (tiny model, 1 crop of 1 s, 1 step)
+#   benchmarks/gpu_check.sh --size base        # HuBERT Base on a CPU too (a bf16 step: minutes without bf16 units)
+#   benchmarks/gpu_check.sh --smoke            # the smallest CPU run (1 crop of 1 s, 1 step; .ci/run runs it)
 #   benchmarks/gpu_check.sh --help             # sizes, batch, crop seconds, budget, --skip
 set -euo pipefail
 source "$(dirname "$0")/../scripts/setup_env.sh"
