@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         sim = run_part(args, "simulation")
         rows.append(sim)
         stages = ", ".join(f"{Path(s).stem} {t:.0f} s" for s, t in sim["stage_seconds"].items())
-        emit(f"| 1-round simulation, client_num_gpus 0.5 | {sim['rounds_logged']} round(s) logged ({stages}); "
+        logged = f"rounds 0-{sim['rounds_logged'] - 1} logged" if sim["rounds_logged"] else "NO round logged"
+        emit(f"| 1-round simulation, client_num_gpus 0.5 | {logged} (0: the initial model; {stages}); "
              f"s3prl loads its best model: {sim['s3prl_hidden_states']} hidden states |")
     else:
         emit("| 1-round simulation, client_num_gpus 0.5 | skipped (no CUDA): clients sharing a GPU need one "
