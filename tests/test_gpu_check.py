@@ -58,3 +58,33 @@ def test_auto_batch_on_cpu_fits_the_budget_and_uses_it() -> None:
     assert peak <= budget, row  # fits
     assert peak >= 0.6 * budget, row  # and is not needlessly small
     assert abs(row["predicted_peak_bytes"] - peak) <= 0.2 * budget, row  # the prediction is what happens
+
+
+def test_the_cuda_table_from_its_parts(gpu_check, monkeypatch, tmp_path: Path) -> None:
+    """The CUDA branch's rows, from parts that report made-up figures (no GPU needed): FLOP/s against the H200's
+    peak, fp16 run rather than skipped, the simulation and its s3prl check."""
+    def fake_part(args, name, precision="fp32", checkpointing=False):
+        if name == "step":
+            row = {"part": "step", "precision": precision, "checkpointing": checkpointing, "size": args.size,
+                   "batch": args.batch, "seconds": args.seconds, "s_per_step": 0.5,
+                   "peak_bytes": (20 if checkpointing else 30) * 2**30, "audio_s_per_s": 160.0}
+            return {**row, "flops_per_step": 1e14} if precision == "fp32" and not checkpointing else row
+        if name == "auto_batch":
+            return {"part": "auto_batch", "size": "base", "precision": "fp32", "seconds": 10.0, "batch": 40,
+                    "budget_bytes": 70 * 2**30, "predicted_peak_bytes": 60 * 2**30, "per_crop_bytes": 2**30,
+                    "peak_bytes": 58 * 2**30}
+        return {"part": "simulation", "rounds_logged": 2, "s3prl_hidden_states": 5,
+                "stage_seconds": {"partition_data.py": 5.0, "generate_kmeans_targets.py": 9.0,
+                                  "federated_hubert_pretraining.py": 60.0}}
+
+    monkeypatch.setattr(gpu_check, "run_part", fake_part)
+    monkeypatch.setattr(gpu_check, "device_name", lambda device: "NVIDIA H200")
+    table = "\n".join(gpu_check.main(["--device", "cuda", "--size", "base", "--batch", "8", "--seconds", "10",
+                                       "--out", str(tmp_path / "out.json")]))
+    assert "skipped" not in table
+    assert "| step base fp32 (8 x 10 s, SDPA) | 0.500 s/step, 160 audio s/s, 200.0 TFLOP/s (298.5% of the 67" in table
+    assert "| step base bf16 (8 x 10 s, SDPA) | 0.500 s/step, 160 audio s/s, 200.0 TFLOP/s (20.2% of the 989" in table
+    assert "| step base fp16 +GradScaler (8 x 10 s, SDPA) |" in table
+    assert "40 crops (~1.00 GiB a crop); predicted peak 60.00 GiB, measured 58.00 GiB: within the 70.00 GiB" in table
+    assert "| gradient checkpointing (bf16, 8 x 10 s) | peak 20.00 GiB vs 30.00 GiB without: saves 10.00 GiB (33%)" in table
+    assert "| 1-round simulation, client_num_gpus 0.5 | rounds 0-1 logged" in table and "5 hidden states" in table
