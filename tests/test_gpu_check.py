@@ -86,5 +86,6 @@ def test_the_cuda_table_from_its_parts(gpu_check, monkeypatch, tmp_path: Path) -
     assert "| step base bf16 (8 x 10 s, SDPA) | 0.500 s/step, 160 audio s/s, 200.0 TFLOP/s (20.2% of the 989" in table
     assert "| step base fp16 +GradScaler (8 x 10 s, SDPA) |" in table
     assert "40 crops (~1.00 GiB a crop); predicted peak 60.00 GiB, measured 58.00 GiB: within the 70.00 GiB" in table
-    assert "| gradient checkpointing (bf16, 8 x 10 s) | peak 20.00 GiB vs 30.00 GiB without: saves 10.00 GiB (33%)" in table
+    assert ("| gradient checkpointing (bf16, 8 x 10 s) | peak 20.00 GiB vs 30.00 GiB without: saves 10.00 GiB (33%)"
+            in table)
     assert "| 1-round simulation, client_num_gpus 0.5 | rounds 0-1 logged" in table and "5 hidden states" in table
