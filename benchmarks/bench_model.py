@@ -52,6 +52,23 @@ def torchaudio_model(m: ModelConfig, mask_prob: float, mask_length: int) -> torc
         num_classes=m.vocab_size, final_dim=m.final_dim, feature_grad_mult=m.feature_grad_mult)
 
 
+def hubert_step(model: HubertBase, optimizer: torch.optim.Optimizer, wav: torch.Tensor, targets: torch.Tensor,
+                autocast, scaler: torch.amp.GradScaler | None = None):
+    """A closure running one training step of ``model`` (fwd + loss + bwd + optimizer) on the batch, in
+    ``autocast``; with ``scaler`` (fp16) the loss is scaled as training does. Returns the loss."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+
+    def step() -> float:
+        with autocast:
+            loss = model.pretraining_step(wav, None, targets).loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
+    return step
+
+
 def make_steps(size: str, precision: str, batch: int, samples: int, seed: int):
     """Two closures running one optimizer step each: ours and torchaudio's."""
     torch.manual_seed(seed)
@@ -61,17 +78,9 @@ def make_steps(size: str, precision: str, batch: int, samples: int, seed: int):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     ours = HubertBase(m).train()
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    ours_step = hubert_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), wav, targets, autocast)
     ref = torchaudio_model(m, 0.08, 10).train()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
-
-    def ours_step() -> float:
-        with autocast:
-            loss = ours.pretraining_step(wav, None, targets).loss
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        return loss.item()
 
     def ref_step() -> float:
         with autocast:

@@ -48,17 +48,22 @@ class PeakMemory:
         while not self._stop.wait(0.002):
             self._sampled = max(self._sampled, proc.memory_info().rss)
 
-    def __exit__(self, *exc: Any) -> None:
+    def so_far(self) -> int:
+        """The peak so far, in bytes above the block's start (inside the block)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
             peak = max(self._sampled, psutil.Process().memory_info().rss)
         else:
             peak = _vm_hwm_bytes()
-        self.peak_bytes = max(0, peak - self.start)
+        return max(0, peak - self.start)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak_bytes = self.so_far()
 
 
 def reset_rss_peak() -> bool:

@@ -8,6 +8,7 @@ its own. Every call is deterministic given its seed and leaves the caller's glob
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -122,10 +123,10 @@ def _without_layerdrop(model: torch.nn.Module) -> Iterator[None]:
             m.layerdrop = value
 
 
-def _probe(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: LossFn, batch_size: int) -> int:
-    """Bytes one training fwd+bwd of ``batch_size`` full crops needs above the resting model."""
+def _probe_step(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: LossFn, batch_size: int) -> None:
+    """One training fwd+bwd of ``batch_size`` full crops, leaving no gradients behind."""
     batch = synthetic_batch(cfg, batch_size).to(device)
-    with _without_layerdrop(model), PeakMemory(device) as mem:
+    with _without_layerdrop(model):
         try:
             with autocast(cfg, device):
                 out = loss_fn(model, batch)
@@ -133,22 +134,50 @@ def _probe(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: L
         finally:
             model.zero_grad(set_to_none=True)
             del batch
+
+
+def _probe(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: LossFn, batch_size: int) -> int:
+    """Bytes one training fwd+bwd of ``batch_size`` full crops needs above the resting model."""
+    with PeakMemory(device) as mem:
+        _probe_step(model, cfg, device, loss_fn, batch_size)
     return mem.peak_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoBatch:
+    """batch_size=auto's choice and the figures behind it (bytes): the peak it predicts for training at
+    ``size`` is ``fixed + per_sample * size + optimizer``."""
+    size: int
+    budget: float
+    fixed: float
+    per_sample: float
+    optimizer: float  # AdamW's two moments plus its step temporaries
+
+    @property
+    def predicted_peak(self) -> float:
+        return self.fixed + self.per_sample * self.size + self.optimizer
 
 
 def resolve_batch_size(cfg: Config, model: torch.nn.Module, device: torch.device, *,
                        num_examples: int | None = None, loss_fn: LossFn | None = None) -> int:
     """training.batch_size, or for 'auto' the largest batch whose fwd+bwd (plus AdamW state) fits
-    the memory budget: probed at doubling sizes on GPU, estimated from a 1- and 2-crop probe on
-    CPU. Capped at MAX_AUTO_BATCH and at ``num_examples`` (the dataset size) when given."""
+    the memory budget (:func:`plan_auto_batch`)."""
     if cfg.training.batch_size != "auto":
         return int(cfg.training.batch_size)
+    return plan_auto_batch(cfg, model, device, num_examples=num_examples, loss_fn=loss_fn).size
+
+
+def plan_auto_batch(cfg: Config, model: torch.nn.Module, device: torch.device, *,
+                    num_examples: int | None = None, loss_fn: LossFn | None = None) -> AutoBatch:
+    """The largest batch whose fwd+bwd plus AdamW's state fits 90% of the memory budget: probed at
+    doubling sizes on GPU, a line through a 1- and a 3-crop probe on CPU. Capped at MAX_AUTO_BATCH and
+    at ``num_examples`` (the dataset size) when given."""
     device = torch.device(device)
     loss_fn = loss_fn or pretraining_loss(cfg)
     cap = max(1, min(MAX_AUTO_BATCH, num_examples or MAX_AUTO_BATCH))
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    optimizer = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     budget = memory_budget(cfg, device)
-    usable = 0.9 * budget - 3 * params  # AdamW's two moments plus its step temporaries; 10% margin
+    usable = 0.9 * budget - optimizer  # 10% margin
     was_training = model.training
     model.to(device).train()
     _set_checkpointing(model, cfg)
@@ -156,15 +185,41 @@ def resolve_batch_size(cfg: Config, model: torch.nn.Module, device: torch.device
         with seeded(derive_seed(cfg.seed, "batch-probe"), device):
             if device.type == "cuda":
                 size, per_sample = _probe_cuda(model, cfg, device, loss_fn, usable, cap)
+                fixed = 0.0
             else:
-                one, two = (_probe(model, cfg, device, loss_fn, b) for b in (1, 2))
-                per_sample = two - one if two > one else two / 2  # a noisy reading errs on the safe side
-                size = batch_from_budget(usable, one - per_sample, per_sample, cap)
+                fixed, per_sample = _probe_cpu(model, cfg, device, loss_fn)
+                size = batch_from_budget(usable, fixed, per_sample, cap)
     finally:
         model.train(was_training)
     log.info("batch_size=auto -> %d on %s (budget %.2f GiB, ~%.0f MiB per %d-sample crop, cap %d)",
              size, device, budget / 2**30, per_sample / MiB, cfg.data.max_audio_length, cap)
-    return size
+    return AutoBatch(size, budget, fixed, per_sample, optimizer)
+
+
+def _probe_cpu(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: LossFn) -> tuple[float, float]:
+    """(fixed, per crop) bytes: the process's peak RSS above its resting level after a 1- and then a
+    3-crop probe, read in one window. One-time costs (code paged in, AdamW's first-step machinery,
+    allocator arenas) land in ``fixed``, not in the slope; and memory the larger probe reuses from the
+    smaller still counts. Two probes each measured from their own start (the old way) saw only what
+    the 2-crop probe added to what the 1-crop probe had left in the allocator: a slope of 1-29 MiB a
+    crop where one needs 35-46 (the demo model, 1-2 s crops), so 'auto' ran up to 2.4x past the budget."""
+    peaks = {}
+    with PeakMemory(device) as mem:
+        _warm_optimizer()
+        for b in (1, 3):
+            _probe_step(model, cfg, device, loss_fn, b)
+            peaks[b] = mem.so_far()
+    per_sample = (peaks[3] - peaks[1]) / 2
+    per_sample = max(per_sample, peaks[3] / 6)  # a flat reading (noise) errs on the safe side
+    return max(0.0, peaks[3] - 3 * per_sample), per_sample
+
+
+def _warm_optimizer() -> None:
+    """One AdamW step on a throwaway tensor: what its first step loads (modules, kernels: ~120 MiB of
+    RSS on CPU) is then part of the probe's fixed cost, as it will be of training's."""
+    param = torch.zeros(1, requires_grad=True)
+    param.grad = torch.zeros(1)
+    torch.optim.AdamW([param]).step()
 
 
 def _probe_cuda(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: LossFn,

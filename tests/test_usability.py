@@ -71,7 +71,8 @@ def repo_copy(tmp_path: Path) -> Path:
     setup_env.sh installs nothing; the Python code and configs are links to the real ones."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
-    for name in ("scripts/setup_env.sh", "run_pretraining.sh", "run_distillation.sh", "run_demo.sh", "requirements.txt"):
+    for name in ("scripts/setup_env.sh", "run_pretraining.sh", "run_distillation.sh", "run_demo.sh", "requirements.txt",
+                 "requirements.lock"):
         shutil.copy(REPO / name, root / name)
     for name in ("fedhubert", "configs", "federated_hubert_pretraining.py", "federated_distillation.py",
                  "partition_data.py"):
@@ -80,9 +81,33 @@ def repo_copy(tmp_path: Path) -> Path:
     python.parent.mkdir(parents=True)
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     python.chmod(0o755)
-    stamp = hashlib.sha256((root / "requirements.txt").read_bytes()).hexdigest()
-    (root / ".venv" / ".requirements.sha256").write_text(stamp + "\n")
+    stamp = hashlib.sha256((root / "requirements.txt").read_bytes() + (root / "requirements.lock").read_bytes())
+    (root / ".venv" / ".requirements.sha256").write_text(stamp.hexdigest() + "\n")
     return root
+
+
+def test_setup_env_reinstalls_when_the_lock_changes(repo_copy, tmp_path):
+    """The stamp covers requirements.lock too: a new pin re-installs (here the install stops at once: python3 is
+    a stand-in that fails, so nothing is installed anywhere)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho \"python3 $*\" >&2\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def source() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", 'source "$1/scripts/setup_env.sh"', "bash", str(repo_copy)], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    current = source()
+    assert current.returncode == 0 and "installing" not in current.stdout + current.stderr
+    stamp = (repo_copy / ".venv" / ".requirements.sha256").read_text()
+    with (repo_copy / "requirements.lock").open("a") as f:
+        f.write("numpy==0.0.1\n")
+    changed = source()
+    assert changed.returncode == 1 and "setup: installing the Python stack" in changed.stdout
+    assert "python3 -m venv" in changed.stderr and "setup: failed" in changed.stderr
+    assert (repo_copy / ".venv" / ".requirements.sha256").read_text() == stamp  # so the next run tries again
 
 
 def test_setup_env_keeps_the_folder_and_shell_scripts_take_relative_configs(repo_copy, tmp_path):
