@@ -23,19 +23,24 @@ import contextlib
 import json
 import logging
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import joblib
 import numpy as np
+import torch
 from sklearn.cluster import MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from fedhubert.audio import load_audio
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config, num_frames
 from fedhubert.data import check_client_data, derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.features import HubertFeatures, MfccFeatures, feature_threads, make_features
+from fedhubert.features import FeatureCache, HubertFeatures, MfccFeatures, feature_threads, make_features
 from fedhubert.fileio import atomic_open, atomic_path
 from fedhubert.partition import CODEBOOK_FILE, SPLITS, TARGETS_FILE, client_dir  # noqa: F401 (re-exported)
 
@@ -72,8 +77,8 @@ def fitting_utterances(cfg: Config, sizes: Sequence[int], client: int | str) -> 
 class SplitFrames:
     """The feature frames of one client split, one utterance at a time, with length checks."""
 
-    def __init__(self, tsv: Path, features: MfccFeatures | HubertFeatures, sample_rate: int):
-        self.tsv, self.features, self.sample_rate = tsv, features, sample_rate
+    def __init__(self, tsv: Path, features: MfccFeatures | HubertFeatures, sample_rate: int, progress: bool = True):
+        self.tsv, self.features, self.sample_rate, self.progress = tsv, features, sample_rate, progress
         self.root, self.paths, self.sizes = read_manifest(tsv)
 
     def __len__(self) -> int:
@@ -105,7 +110,7 @@ class SplitFrames:
         return feats
 
     def stream(self, order: Sequence[int], desc: str) -> Iterator[tuple[int, np.ndarray]]:
-        for i in tqdm(order, desc=desc, unit="utt"):
+        for i in tqdm(order, desc=desc, unit="utt", disable=not self.progress):
             yield int(i), self.utterance(int(i))
 
 
@@ -135,12 +140,16 @@ def fit_kmeans(passes: Callable[[int], Iterable[np.ndarray]], dim: int, n_cluste
     return km
 
 
-def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: str) -> None:
-    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path).
+def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: str,
+                 cache: FeatureCache | None = None) -> None:
+    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path); the
+    features from ``cache`` when given (it holds every utterance of ``frames``), else computed.
 
     ``km`` is anything with ``predict(frames [N, D]) -> ids [N]`` (a fitted k-means, or a codebook)."""
+    order = range(len(frames))
+    source = ((i, cache[i]) for i in order) if cache is not None else frames.stream(order, desc)
     with open(target, "w") as handle:
-        for i, feats in frames.stream(range(len(frames)), desc):
+        for i, feats in source:
             labels = km.predict(feats)
             if len(labels) != num_frames(frames.sizes[i]):
                 raise DataError(f"{frames.root / frames.paths[i]}: {len(labels)} labels, expected "
@@ -149,22 +158,25 @@ def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: s
 
 
 @contextlib.contextmanager
-def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Path) -> Iterator[contextlib.ExitStack]:
-    """Writes ``<split>.km`` of every split into ``folder``; all of them (and whatever the caller adds
-    to the yielded stack with ``atomic_path``) appear together, once the block succeeds, or none."""
+def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Path,
+                caches: dict[str, FeatureCache] | None = None) -> Iterator[contextlib.ExitStack]:
+    """Writes ``<split>.km`` of every split into ``folder`` (features from ``caches[split]`` where given);
+    all of them (and whatever the caller adds to the yielded stack with ``atomic_path``) appear together,
+    once the block succeeds, or none."""
     with contextlib.ExitStack() as stack:
         for s, frames in splits.items():
-            write_labels(km, frames, stack.enter_context(atomic_path(folder / f"{s}.km")), f"{folder.name} label {s}")
+            write_labels(km, frames, stack.enter_context(atomic_path(folder / f"{s}.km")), f"{folder.name} label {s}",
+                         (caches or {}).get(s))
         yield stack
 
 
-def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures) -> dict:
+def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures, progress: bool = True) -> dict:
     """Fits client ``k``'s k-means on its train split (kmeans.percent of it); writes train.km,
-    valid.km, kmeans.joblib.
+    valid.km, kmeans.joblib. Reads this client's files only, so its cost does not grow with the others.
 
     The three files appear together or not at all (renamed only after all are complete)."""
     d = client_dir(cfg.data.partitions_dir, k)
-    splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate) for s in SPLITS}
+    splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate, progress) for s in SPLITS}
     train = splits["train"]
     train_frames, fit = train.num_frames, fitting_utterances(cfg, train.sizes, k)
     fit_frames = train.frames_of(fit)
@@ -182,16 +194,68 @@ def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures)
         # One utterance's frames are strongly correlated: a fresh random utterance order each pass
         # keeps consecutive chunks closer to the random mini-batches k-means expects.
         order = fit[np.random.default_rng(derive_seed(seed, p)).permutation(len(fit))]
-        return (feats for _, feats in train.stream(order, f"{d.name} fit {p + 1}/{passes}"))
+        return (cache[int(i)] for i in order)
 
-    km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
-    with label_files(km, splits, d) as stack:
-        joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
+    with FeatureCache(d, features.dim) as cache:  # every training utterance decoded once, not passes + 1 times
+        for _, feats in train.stream(range(len(train)), f"{d.name} features"):
+            cache.append(feats)
+        km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
+        with label_files(km, splits, d, {"train": cache}) as stack:
+            joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
     info = {"client": k, "n_clusters": n_clusters, "train_frames": train_frames, "fit_frames": fit_frames,
             "train_utterances": len(splits["train"]), "fit_utterances": len(fit),
             "valid_utterances": len(splits["valid"])}
     log.info("%s: wrote train.km, valid.km, kmeans.joblib (%d clusters)", d.name, n_clusters)
     return info
+
+
+_WORKER_LIMITS: list[Any] = []  # a worker's BLAS/OpenMP limit, kept alive for the worker's lifetime
+
+
+def _worker_init(log_level: int) -> None:
+    """A target worker process: one torch and one BLAS/OpenMP thread (the workers share the cores: more
+    threads each would only contend), and the parent's log level (a fresh process has no logging set up)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    _WORKER_LIMITS.append(threadpool_limits(1))
+
+
+def _worker_client(cfg: Config, k: int) -> dict:
+    return client_targets(cfg, k, make_features(cfg), progress=False)
+
+
+def target_workers(cfg: Config, features: MfccFeatures | HubertFeatures, num_clients: int) -> int:
+    """Processes for the local k-means: kmeans.workers (0 = the cores), at most one per client; 1 with
+    hubert features (a model forward uses every core itself, and each worker would hold its own copy)."""
+    if not isinstance(features, MfccFeatures):
+        return 1
+    return max(1, min(cfg.kmeans.workers or os.cpu_count() or 1, num_clients))
+
+
+def all_client_targets(cfg: Config, ids: list[int], features: MfccFeatures | HubertFeatures) -> list[dict]:
+    """:func:`client_targets` of every client in ``ids``, in order; with :func:`target_workers` > 1 in a
+    pool of processes (clients are independent: each reads and writes its own folder only). The first
+    error, e.g. a DataError naming a client's file, stops the pool and is raised as it was raised."""
+    workers = target_workers(cfg, features, len(ids))
+    if workers == 1:
+        with feature_threads(features):
+            return [client_targets(cfg, k, features) for k in ids]
+    # forkserver: a clean child (fork would copy this process's torch/OpenMP thread state, which can hang
+    # a child); the preload imports torch once in the server instead of once per worker.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    log.info("k-means targets of %d clients in %d processes (kmeans.workers)", len(ids), workers)
+    infos: dict[int, dict] = {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        futures = [pool.submit(_worker_client, cfg, k) for k in ids]
+        for future in tqdm(as_completed(futures), total=len(ids), desc="clients labelled", unit="client"):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()  # those not started yet; a running one finishes its client
+                raise future.exception()
+            infos[future.result()["client"]] = future.result()
+    return [infos[k] for k in ids]
 
 
 def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmeans.codebook is federated") -> Path:
@@ -331,7 +395,6 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         (out / CODEBOOK_FILE).unlink()
     if clients is None:  # every client is relabelled: the old record must not outlive a failed run
         (out / TARGETS_FILE).unlink(missing_ok=True)
-    with feature_threads(features):
-        infos = [client_targets(cfg, k, features) for k in ids]
+    infos = all_client_targets(cfg, ids, features)
     write_targets(out, record, {i["client"]: i["n_clusters"] for i in infos}, merge=clients is not None)
     return infos
