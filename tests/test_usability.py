@@ -25,7 +25,7 @@ CONFIG_SCRIPTS = {"partition_data.py": [], "generate_kmeans_targets.py": [], "fe
                   "scripts/sweep_federation.py": ["--out", "sweep"], "scripts/compare_label_spaces.py": ["--out", "cmp"]}
 # script -> an option its --help must list
 OTHER_SCRIPTS = {"export_huggingface.py": "folder", "make_speech_commands.py": "--train-voices",
-                 "run_s3prl_downstream.py": "--upstream"}
+                 "run_s3prl_downstream.py": "--upstream", "scripts/make_scale_corpus.py": "--speakers"}
 
 
 def run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
