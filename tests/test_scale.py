@@ -153,3 +153,25 @@ def test_the_partition_plot_stays_small_with_thousands_of_clients(tmp_path):
     head = (tmp_path / "summary.png").read_bytes()[:24]
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     assert width <= 1600 and height <= 400, (width, height)  # was 281,000 x 350 pixels
+
+
+def test_flac_lengths_from_streaminfo_match_libsndfile(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import BUNDLED
+    from fedhubert.audio import _flac_streaminfo, probe_audio
+
+    made = []
+    for rate, channels, subtype in ((8000, 2, "PCM_16"), (44100, 1, "PCM_24"), (22050, 6, "PCM_S8")):
+        made.append(tmp_path / f"{rate}.flac")
+        sf.write(made[-1], np.zeros((12345, channels), np.float32), rate, format="FLAC", subtype=subtype)
+    for path in [*sorted(BUNDLED.glob("*/*/*/*.flac"))[:20], *made]:
+        info = sf.info(str(path))
+        assert _flac_streaminfo(path) == probe_audio(path)
+        assert (probe_audio(path).sample_rate, probe_audio(path).num_frames, probe_audio(path).channels) == \
+            (info.samplerate, info.frames, info.channels)
+    sf.write(tmp_path / "x.wav", np.zeros((100, 1), np.float32), 16000)
+    (tmp_path / "id3.flac").write_bytes(b"ID3" + made[0].read_bytes())  # a tag first: libsndfile decides
+    assert _flac_streaminfo(tmp_path / "x.wav") is None and _flac_streaminfo(tmp_path / "id3.flac") is None
+    assert probe_audio(tmp_path / "x.wav").num_frames == 100
