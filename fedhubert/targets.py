@@ -23,24 +23,19 @@ import contextlib
 import json
 import logging
 import math
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import joblib
 import numpy as np
-import torch
 from sklearn.cluster import MiniBatchKMeans
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from fedhubert.audio import load_audio
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config, num_frames
 from fedhubert.data import check_client_data, derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.features import FeatureCache, HubertFeatures, MfccFeatures, feature_threads, make_features
+from fedhubert.features import FeatureCache, HubertFeatures, MfccFeatures, make_features
 from fedhubert.fileio import atomic_open, atomic_path
 from fedhubert.partition import CODEBOOK_FILE, SPLITS, TARGETS_FILE, client_dir  # noqa: F401 (re-exported)
 
@@ -209,55 +204,6 @@ def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures,
     return info
 
 
-_WORKER_LIMITS: list[Any] = []  # a worker's BLAS/OpenMP limit, kept alive for the worker's lifetime
-
-
-def _worker_init(log_level: int) -> None:
-    """A target worker process: one torch and one BLAS/OpenMP thread (the workers share the cores: more
-    threads each would only contend), and the parent's log level (a fresh process has no logging set up)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(1)
-    _WORKER_LIMITS.append(threadpool_limits(1))
-
-
-def _worker_client(cfg: Config, k: int) -> dict:
-    return client_targets(cfg, k, make_features(cfg), progress=False)
-
-
-def target_workers(cfg: Config, features: MfccFeatures | HubertFeatures, num_clients: int) -> int:
-    """Processes for the local k-means: kmeans.workers (0 = the cores), at most one per client; 1 with
-    hubert features (a model forward uses every core itself, and each worker would hold its own copy)."""
-    if not isinstance(features, MfccFeatures):
-        return 1
-    return max(1, min(cfg.kmeans.workers or os.cpu_count() or 1, num_clients))
-
-
-def all_client_targets(cfg: Config, ids: list[int], features: MfccFeatures | HubertFeatures) -> list[dict]:
-    """:func:`client_targets` of every client in ``ids``, in order; with :func:`target_workers` > 1 in a
-    pool of processes (clients are independent: each reads and writes its own folder only). The first
-    error, e.g. a DataError naming a client's file, stops the pool and is raised as it was raised."""
-    workers = target_workers(cfg, features, len(ids))
-    if workers == 1:
-        with feature_threads(features):
-            return [client_targets(cfg, k, features) for k in ids]
-    # forkserver: a clean child (fork would copy this process's torch/OpenMP thread state, which can hang
-    # a child); the preload imports torch once in the server instead of once per worker.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    log.info("k-means targets of %d clients in %d processes (kmeans.workers)", len(ids), workers)
-    infos: dict[int, dict] = {}
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
-        futures = [pool.submit(_worker_client, cfg, k) for k in ids]
-        for future in tqdm(as_completed(futures), total=len(ids), desc="clients labelled", unit="client"):
-            if future.exception() is not None:
-                for other in futures:
-                    other.cancel()  # those not started yet; a running one finishes its client
-                raise future.exception()
-            infos[future.result()["client"]] = future.result()
-    return [infos[k] for k in ids]
-
-
 def check_codebook(cfg: Config, vocab_size: int | None = None, why: str = "kmeans.codebook is federated") -> Path:
     """kmeans.codebook=federated, before a training stage starts: ``<data.partitions_dir>/codebook.npy``
     must exist (generate_kmeans_targets.py writes it only with kmeans.codebook=federated and deletes
@@ -395,6 +341,8 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         (out / CODEBOOK_FILE).unlink()
     if clients is None:  # every client is relabelled: the old record must not outlive a failed run
         (out / TARGETS_FILE).unlink(missing_ok=True)
+    from fedhubert.target_pool import all_client_targets  # it imports this module
+
     infos = all_client_targets(cfg, ids, features)
     write_targets(out, record, {i["client"]: i["n_clusters"] for i in infos}, merge=clients is not None)
     return infos

@@ -175,3 +175,17 @@ def test_flac_lengths_from_streaminfo_match_libsndfile(tmp_path):
     (tmp_path / "id3.flac").write_bytes(b"ID3" + made[0].read_bytes())  # a tag first: libsndfile decides
     assert _flac_streaminfo(tmp_path / "x.wav") is None and _flac_streaminfo(tmp_path / "id3.flac") is None
     assert probe_audio(tmp_path / "x.wav").num_frames == 100
+
+
+def test_workers_0_starts_processes_only_for_hours_of_audio(three_clients, monkeypatch):
+    import os
+
+    import fedhubert.target_pool as pool
+    from fedhubert.features import MfccFeatures
+
+    cfg = three_clients()  # kmeans.workers 0 (the default); 3 clients of 4 utterances: a pool would not pay
+    features = MfccFeatures(cfg)
+    assert pool.target_workers(cfg, features, [0, 1, 2]) == 1
+    monkeypatch.setattr(pool, "POOL_MIN_AUDIO_S", 60.0)  # ~90 s of audio here
+    assert pool.target_workers(cfg, features, [0, 1, 2]) == min(os.cpu_count() or 1, 3)
+    assert pool.target_workers(three_clients("kmeans.workers=2"), features, [0]) == 1  # one per client at most
