@@ -19,6 +19,7 @@ Everything is computed and checked before the first file is written; each file i
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 import logging
 import shutil
@@ -66,11 +67,13 @@ def speaker_based(rows: Sequence[Utterance], num_clients: int) -> list[list[int]
         raise ConfigError(f"partition.num_clients ({num_clients}) exceeds the number of speakers "
                           f"({len(groups)}) for partition.method speaker_based")
     hours = {s: sum(rows[i].duration for i in idx) / 3600 for s, idx in groups.items()}
-    load, clients = [0.0] * num_clients, [[] for _ in range(num_clients)]
-    for spk in sorted(groups, key=lambda s: (-hours[s], s)):  # ties broken by id: deterministic
-        k = min(range(num_clients), key=lambda c: (load[c], c))
+    # (hours so far, client): the top is the least loaded client, ties broken by id (deterministic); a
+    # heap, not a scan of every client per speaker, which is 5.5 M steps for 2,338 speakers and clients
+    heap, clients = [(0.0, c) for c in range(num_clients)], [[] for _ in range(num_clients)]
+    for spk in sorted(groups, key=lambda s: (-hours[s], s)):
+        load, k = heapq.heappop(heap)
         clients[k].extend(groups[spk])
-        load[k] += hours[spk]
+        heapq.heappush(heap, (load + hours[spk], k))
     return clients
 
 
@@ -230,7 +233,8 @@ def _clear_stale(out: Path, num_clients: int, new_tsvs: dict[Path, str]) -> None
     any_changed = False
     for k in range(num_clients):
         d = client_dir(out, k)
-        changed = any(not p.is_file() or p.read_text() != text for p, text in new_tsvs.items() if p.parent == d)
+        mine = [(d / f"{split}.tsv", new_tsvs[d / f"{split}.tsv"]) for split in SPLITS]  # not every client's: O(N)
+        changed = any(not p.is_file() or p.read_text() != text for p, text in mine)
         any_changed |= changed
         stale = [d / name for name in TARGET_FILES if (d / name).exists()]
         if changed and stale:

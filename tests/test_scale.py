@@ -189,3 +189,27 @@ def test_workers_0_starts_processes_only_for_hours_of_audio(three_clients, monke
     monkeypatch.setattr(pool, "POOL_MIN_AUDIO_S", 60.0)  # ~90 s of audio here
     assert pool.target_workers(cfg, features, [0, 1, 2]) == min(os.cpu_count() or 1, 3)
     assert pool.target_workers(three_clients("kmeans.workers=2"), features, [0]) == 1  # one per client at most
+
+
+def test_speaker_based_greedy_by_heap_equals_the_scan_over_clients():
+    import numpy as np
+
+    from fedhubert.librispeech import Utterance
+    from fedhubert.partition import speaker_based
+
+    rng = np.random.default_rng(0)
+    rows = [Utterance(f"{s}-1-{i}", str(s), "F", "1", "train-clean-100", f"{s}/{i}.flac", 16000, n, 1, 16000, n,
+                      n / 16000, "") for s in range(300) for i, n in enumerate(rng.integers(16000, 400000, 3))]
+    rows += [Utterance(f"{s}-1-0", str(s), "M", "1", "train-clean-100", f"{s}/0.flac", 16000, 32000, 1, 16000, 32000,
+                       2.0, "") for s in range(300, 340)]  # equal hours: ties broken by client id
+    for num_clients in (1, 7, 64, 340):
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.speaker, []).append(i)
+        hours = {s: sum(rows[i].duration for i in idx) / 3600 for s, idx in groups.items()}
+        load, expected = [0.0] * num_clients, [[] for _ in range(num_clients)]
+        for spk in sorted(groups, key=lambda s: (-hours[s], s)):  # the former scan over every client
+            k = min(range(num_clients), key=lambda c: (load[c], c))
+            expected[k].extend(groups[spk])
+            load[k] += hours[spk]
+        assert speaker_based(rows, num_clients) == expected
