@@ -124,10 +124,10 @@ def main() -> None:
     picked = rows[:: max(1, len(rows) // args.max_files)][: args.max_files]
     audio_s = sum(r.num_samples for r in picked) / sr
     with single_torch_thread():
-        wavs, t_load = timed(lambda: [load_audio(Path(args.root) / r.path, sr) for r in picked])
+        wavs, t_load, c_load = cpu_timed(lambda: [load_audio(Path(args.root) / r.path, sr) for r in picked])
         features = MfccFeatures(cfg)
         features(wavs[0])  # warm-up
-        feats, t_mfcc = timed(lambda: [features(w) for w in wavs])
+        feats, t_mfcc, c_mfcc = cpu_timed(lambda: [features(w) for w in wavs])
     default_threads = torch.get_num_threads()
     _, t_mfcc_default = timed(lambda: [features(w) for w in wavs])
     frames = sum(len(f) for f in feats)
@@ -142,7 +142,7 @@ def main() -> None:
     with threadpool_limits(1):
         km, t_fit = timed(lambda: fit_kmeans(lambda p: iter(feats), features.dim, k, chunk,
                                              cfg.kmeans.fit_passes, cfg.seed))
-        _, t_predict = timed(lambda: [km.predict(f) for f in feats])
+        _, t_predict, c_predict = cpu_timed(lambda: [km.predict(f) for f in feats])
 
     result = {
         "corpus": str(Path(args.root).resolve()), "files": len(rows), "label_utterances": len(picked),
@@ -158,6 +158,8 @@ def main() -> None:
         "kmeans_fit_audio_s_per_s_per_core": round(audio_s / t_fit, 1),
         "kmeans_label_audio_s_per_s_per_core": round(audio_s / t_predict, 1),
         "decode_mfcc_label_audio_s_per_s_per_core": round(audio_s / (t_load + t_mfcc + t_predict), 1),
+        # one thread: audio seconds per CPU second is the per-core speed however busy the machine is
+        "decode_mfcc_label_audio_s_per_cpu_s": round(audio_s / (c_load + c_mfcc + c_predict), 1),
         "feature_cache": {
             "recompute_s_per_audio_h": round((t_load + t_mfcc) / audio_s * 3600, 3),
             "write_s_per_audio_h": round(t_cache_write / audio_s * 3600, 3),
