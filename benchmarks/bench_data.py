@@ -13,7 +13,9 @@ Reports, as JSON (stdout and benchmarks/results/data.json) plus one table line:
              decode + MFCC again, and to write the frames once and read them back; a client's k-means
              uses every training utterance fit_passes + 1 times, so the cache saves fit_passes recomputes;
   workers    generate_kmeans_targets.py (kmeans.codebook=local) with kmeans.workers=2 against 1: wall
-             time ratio on the same clients (process start-up included), and its audio-s/s per core.
+             time ratio on the same clients (process start-up included), and its audio-s/s per core; next
+             to it, 2 processes against 1 on a pure-Python loop (what a shared machine gives a second
+             process at that moment).
 With --scale-corpus DIR (a tree from scripts/make_scale_corpus.py: 2,338 speakers, 280,560 files) also,
 on that tree: the header scan's files/s, partition_data.py with one client per speaker (wall time,
 peak RSS of its process) and the workers ratio on --scale-clients of its clients (their own audio).
@@ -28,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import soundfile as sf
@@ -62,6 +65,20 @@ def cpu_timed(fn):
     return result, wall, time.process_time() - cpu
 
 
+def _busy(n: int) -> int:
+    return sum(range(n))
+
+
+def parallel_control() -> float:
+    """Speed-up of 2 processes over 1 on a pure-Python loop, measured now: what the machine gives a second
+    process at this moment (1.0 when other jobs hold the other core), to read the workers ratio against."""
+    _, serial = timed(lambda: [_busy(10_000_000) for _ in range(2)])
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_busy, [1, 1]))  # start both processes before timing
+        _, parallel = timed(lambda: list(pool.map(_busy, [10_000_000] * 2)))
+    return round(serial / parallel, 2)
+
+
 def workers_ratio(root: Path, work: Path, cfg_path: str, subsets: list[str], num_clients: int,
                   clients: int | None) -> dict:
     """generate_targets on ``clients`` (default all) of a speaker-based partition of ``root``, with
@@ -80,7 +97,8 @@ def workers_ratio(root: Path, work: Path, cfg_path: str, subsets: list[str], num
                 for line in (work / f"client_{k}" / f"{split}.tsv").read_text().splitlines()[1:]) / cfg.data.sample_rate
     return {"clients": len(picked), "audio_s": round(audio, 1), "workers_1_s": round(times[1], 1),
             "workers_2_s": round(times[2], 1), "speedup_2_vs_1": round(times[1] / times[2], 2),
-            "targets_audio_s_per_s_per_core": round(audio / times[1], 1), "load_average": os.getloadavg()[0]}
+            "targets_audio_s_per_s_per_core": round(audio / times[1], 1), "load_average": os.getloadavg()[0],
+            "control_2_processes_speedup": parallel_control()}
 
 
 def scale_figures(tree: Path, cfg_path: str, work: Path, clients: int) -> dict:
