@@ -29,8 +29,30 @@ class AudioInfo:
     channels: int
 
 
+def _flac_streaminfo(path: str | os.PathLike) -> AudioInfo | None:
+    """What libsndfile reports for a FLAC file, from its first 26 bytes: the ``fLaC`` marker and the
+    STREAMINFO block that must follow it. None (ask libsndfile) for anything else: another format, an
+    ID3 tag first, or a stream that does not record its length. A tenth of libsndfile's cost per file,
+    which decides the scan of a 280,000-file corpus."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    # bytes 4-7: last-block flag and type (0 = STREAMINFO), length 34; 8-17: block and frame sizes;
+    # 18-25: sample rate (20 bits), channels - 1 (3), bits per sample - 1 (5), total samples (36)
+    if len(head) < 26 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or head[5:8] != b"\x00\x00\x22":
+        return None
+    bits = int.from_bytes(head[18:26], "big")
+    rate, channels, frames = bits >> 44, ((bits >> 41) & 0x7) + 1, bits & ((1 << 36) - 1)
+    return AudioInfo(rate, frames, channels) if rate and frames else None
+
+
 def probe_audio(path: str | os.PathLike) -> AudioInfo:
     """Reads only the header of ``path``; an unreadable or corrupt file raises DataError."""
+    try:
+        fast = _flac_streaminfo(path)
+    except OSError as exc:
+        raise DataError(f"{path}: not readable audio ({_short(exc)})") from None
+    if fast is not None:
+        return fast
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:

@@ -77,6 +77,7 @@ class KMeansConfig:
     use_deltas: bool = knob(True, "append delta and delta-delta MFCC (39 dims, as HuBERT's first iteration)")
     batch_size: int = knob(10000, "frames per MiniBatchKMeans partial_fit step", low=1)
     fit_passes: int = knob(2, "passes over the client's training frames while fitting", low=1)
+    workers: int = knob(0, "codebook=local with mfcc: clients fitted and labelled in this many parallel processes, one thread each (0 = the CPU cores from 2 hours of audio on, else 1; 1 = one client after another in this process)", low=0)
     codebook: str = knob("federated", "local: a k-means per client (ids mean something on that client only, heads stay local); "
                          "federated: one codebook for all clients, fitted by federated k-means, and a federated head",
                          choices=("local", "federated"))

@@ -19,6 +19,7 @@ Everything is computed and checked before the first file is written; each file i
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 import logging
 import shutil
@@ -66,11 +67,13 @@ def speaker_based(rows: Sequence[Utterance], num_clients: int) -> list[list[int]
         raise ConfigError(f"partition.num_clients ({num_clients}) exceeds the number of speakers "
                           f"({len(groups)}) for partition.method speaker_based")
     hours = {s: sum(rows[i].duration for i in idx) / 3600 for s, idx in groups.items()}
-    load, clients = [0.0] * num_clients, [[] for _ in range(num_clients)]
-    for spk in sorted(groups, key=lambda s: (-hours[s], s)):  # ties broken by id: deterministic
-        k = min(range(num_clients), key=lambda c: (load[c], c))
+    # (hours so far, client): the top is the least loaded client, ties broken by id (deterministic); a
+    # heap, not a scan of every client per speaker, which is 5.5 M steps for 2,338 speakers and clients
+    heap, clients = [(0.0, c) for c in range(num_clients)], [[] for _ in range(num_clients)]
+    for spk in sorted(groups, key=lambda s: (-hours[s], s)):
+        load, k = heapq.heappop(heap)
         clients[k].extend(groups[spk])
-        load[k] += hours[spk]
+        heapq.heappush(heap, (load + hours[spk], k))
     return clients
 
 
@@ -194,16 +197,25 @@ def plot_summary(path: Path, clients: list[dict], title: str) -> None:
 
     ks = [c["client"] for c in clients]
     sexes = sorted({s for c in clients for s in c["hours_by_sex"]})
-    fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(ks) + 4), 3.5))
+    # a bar per client, at most 16 inches wide: 2,338 clients would otherwise make a 281,000-pixel image
+    fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(min(16.0, max(6.0, 1.2 * len(ks) + 4)), 3.5))
+    ticks = {"xticks": ks} if len(ks) <= 32 else {}  # beyond that, matplotlib's own ticks
+
+    def bars(ax, vals: np.ndarray, bottom: np.ndarray, **style) -> None:  # noqa: ANN001 - a matplotlib Axes
+        if len(ks) <= 64:
+            ax.bar(ks, vals, bottom=bottom, **style)
+        else:  # a patch per bar takes a minute for 2,338 clients: one stepped area instead
+            ax.fill_between(ks, bottom, bottom + vals, step="mid", **style)
+
     bottom = np.zeros(len(ks))
     for sex in sexes:
         vals = np.array([c["hours_by_sex"].get(sex, 0.0) for c in clients])
-        ax_h.bar(ks, vals, bottom=bottom, label=sex)
+        bars(ax_h, vals, bottom, label=sex)
         bottom += vals
-    ax_h.set(xlabel="client", ylabel="hours", title="audio per client", xticks=ks)
+    ax_h.set(xlabel="client", ylabel="hours", title="audio per client", **ticks)
     ax_h.legend(title="sex", fontsize="small")
-    ax_s.bar(ks, [c["speakers"] for c in clients], color="tab:gray")
-    ax_s.set(xlabel="client", ylabel="speakers", title="speakers per client", xticks=ks)
+    bars(ax_s, np.array([c["speakers"] for c in clients], dtype=float), np.zeros(len(ks)), color="tab:gray")
+    ax_s.set(xlabel="client", ylabel="speakers", title="speakers per client", **ticks)
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -222,7 +234,8 @@ def _clear_stale(out: Path, num_clients: int, new_tsvs: dict[Path, str]) -> None
     any_changed = False
     for k in range(num_clients):
         d = client_dir(out, k)
-        changed = any(not p.is_file() or p.read_text() != text for p, text in new_tsvs.items() if p.parent == d)
+        mine = [(d / f"{split}.tsv", new_tsvs[d / f"{split}.tsv"]) for split in SPLITS]  # not every client's: O(N)
+        changed = any(not p.is_file() or p.read_text() != text for p, text in mine)
         any_changed |= changed
         stale = [d / name for name in TARGET_FILES if (d / name).exists()]
         if changed and stale:

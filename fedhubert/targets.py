@@ -35,7 +35,7 @@ from fedhubert.audio import load_audio
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config, num_frames
 from fedhubert.data import check_client_data, derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.features import HubertFeatures, MfccFeatures, feature_threads, make_features
+from fedhubert.features import FeatureCache, HubertFeatures, MfccFeatures, make_features
 from fedhubert.fileio import atomic_open, atomic_path
 from fedhubert.partition import CODEBOOK_FILE, SPLITS, TARGETS_FILE, client_dir  # noqa: F401 (re-exported)
 
@@ -72,8 +72,8 @@ def fitting_utterances(cfg: Config, sizes: Sequence[int], client: int | str) -> 
 class SplitFrames:
     """The feature frames of one client split, one utterance at a time, with length checks."""
 
-    def __init__(self, tsv: Path, features: MfccFeatures | HubertFeatures, sample_rate: int):
-        self.tsv, self.features, self.sample_rate = tsv, features, sample_rate
+    def __init__(self, tsv: Path, features: MfccFeatures | HubertFeatures, sample_rate: int, progress: bool = True):
+        self.tsv, self.features, self.sample_rate, self.progress = tsv, features, sample_rate, progress
         self.root, self.paths, self.sizes = read_manifest(tsv)
 
     def __len__(self) -> int:
@@ -105,7 +105,7 @@ class SplitFrames:
         return feats
 
     def stream(self, order: Sequence[int], desc: str) -> Iterator[tuple[int, np.ndarray]]:
-        for i in tqdm(order, desc=desc, unit="utt"):
+        for i in tqdm(order, desc=desc, unit="utt", disable=not self.progress):
             yield int(i), self.utterance(int(i))
 
 
@@ -135,12 +135,16 @@ def fit_kmeans(passes: Callable[[int], Iterable[np.ndarray]], dim: int, n_cluste
     return km
 
 
-def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: str) -> None:
-    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path).
+def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: str,
+                 cache: FeatureCache | None = None) -> None:
+    """One line of cluster ids per manifest line, in manifest order, into ``target`` (a temp path); the
+    features from ``cache`` when given (it holds every utterance of ``frames``), else computed.
 
     ``km`` is anything with ``predict(frames [N, D]) -> ids [N]`` (a fitted k-means, or a codebook)."""
+    order = range(len(frames))
+    source = ((i, cache[i]) for i in order) if cache is not None else frames.stream(order, desc)
     with open(target, "w") as handle:
-        for i, feats in frames.stream(range(len(frames)), desc):
+        for i, feats in source:
             labels = km.predict(feats)
             if len(labels) != num_frames(frames.sizes[i]):
                 raise DataError(f"{frames.root / frames.paths[i]}: {len(labels)} labels, expected "
@@ -149,27 +153,31 @@ def write_labels(km: MiniBatchKMeans, frames: SplitFrames, target: Path, desc: s
 
 
 @contextlib.contextmanager
-def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Path) -> Iterator[contextlib.ExitStack]:
-    """Writes ``<split>.km`` of every split into ``folder``; all of them (and whatever the caller adds
-    to the yielded stack with ``atomic_path``) appear together, once the block succeeds, or none."""
+def label_files(km: MiniBatchKMeans, splits: dict[str, SplitFrames], folder: Path,
+                caches: dict[str, FeatureCache] | None = None) -> Iterator[contextlib.ExitStack]:
+    """Writes ``<split>.km`` of every split into ``folder`` (features from ``caches[split]`` where given);
+    all of them (and whatever the caller adds to the yielded stack with ``atomic_path``) appear together,
+    once the block succeeds, or none."""
     with contextlib.ExitStack() as stack:
         for s, frames in splits.items():
-            write_labels(km, frames, stack.enter_context(atomic_path(folder / f"{s}.km")), f"{folder.name} label {s}")
+            write_labels(km, frames, stack.enter_context(atomic_path(folder / f"{s}.km")), f"{folder.name} label {s}",
+                         (caches or {}).get(s))
         yield stack
 
 
-def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures) -> dict:
+def client_targets(cfg: Config, k: int, features: MfccFeatures | HubertFeatures, progress: bool = True) -> dict:
     """Fits client ``k``'s k-means (``<data.partitions_dir>/client_<k>``): :func:`folder_targets`."""
-    return folder_targets(cfg, client_dir(cfg.data.partitions_dir, k), k, features)
+    return folder_targets(cfg, client_dir(cfg.data.partitions_dir, k), k, features, progress)
 
 
-def folder_targets(cfg: Config, d: Path, k: int | str, features: MfccFeatures | HubertFeatures) -> dict:
+def folder_targets(cfg: Config, d: Path, k: int | str, features: MfccFeatures | HubertFeatures,
+                   progress: bool = True) -> dict:
     """Fits the k-means of the client folder ``d`` on its train split (kmeans.percent of it); writes
     train.km, valid.km, kmeans.joblib there. ``k`` (the client's number, or a name) seeds the sampling
-    and k-means.
+    and k-means. Reads this folder's files only, so its cost does not grow with other clients'.
 
     The three files appear together or not at all (renamed only after all are complete)."""
-    splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate) for s in SPLITS}
+    splits = {s: SplitFrames(d / f"{s}.tsv", features, cfg.data.sample_rate, progress) for s in SPLITS}
     train = splits["train"]
     train_frames, fit = train.num_frames, fitting_utterances(cfg, train.sizes, k)
     fit_frames = train.frames_of(fit)
@@ -187,11 +195,14 @@ def folder_targets(cfg: Config, d: Path, k: int | str, features: MfccFeatures | 
         # One utterance's frames are strongly correlated: a fresh random utterance order each pass
         # keeps consecutive chunks closer to the random mini-batches k-means expects.
         order = fit[np.random.default_rng(derive_seed(seed, p)).permutation(len(fit))]
-        return (feats for _, feats in train.stream(order, f"{d.name} fit {p + 1}/{passes}"))
+        return (cache[int(i)] for i in order)
 
-    km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
-    with label_files(km, splits, d) as stack:
-        joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
+    with FeatureCache(d, features.dim) as cache:  # every training utterance decoded once, not passes + 1 times
+        for _, feats in train.stream(range(len(train)), f"{d.name} features"):
+            cache.append(feats)
+        km = fit_kmeans(shuffled_pass, features.dim, n_clusters, chunk, passes, seed)
+        with label_files(km, splits, d, {"train": cache}) as stack:
+            joblib.dump(km, stack.enter_context(atomic_path(d / "kmeans.joblib")))
     info = {"client": k, "n_clusters": n_clusters, "train_frames": train_frames, "fit_frames": fit_frames,
             "train_utterances": len(splits["train"]), "fit_utterances": len(fit),
             "valid_utterances": len(splits["valid"])}
@@ -336,7 +347,8 @@ def generate_targets(cfg: Config, clients: str | None = None) -> list[dict]:
         (out / CODEBOOK_FILE).unlink()
     if clients is None:  # every client is relabelled: the old record must not outlive a failed run
         (out / TARGETS_FILE).unlink(missing_ok=True)
-    with feature_threads(features):
-        infos = [client_targets(cfg, k, features) for k in ids]
+    from fedhubert.target_pool import all_client_targets  # it imports this module
+
+    infos = all_client_targets(cfg, ids, features)
     write_targets(out, record, {i["client"]: i["n_clusters"] for i in infos}, merge=clients is not None)
     return infos

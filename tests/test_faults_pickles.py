@@ -47,13 +47,9 @@ def write_payload(path: Path, kind: str, marker: Path) -> Path:
 
 
 def _head_store_latest(path: Path) -> None:
-    from types import SimpleNamespace
-
-    from flwr.app import RecordDict
-
     from fedhubert.federation.client_app import HeadStore
 
-    HeadStore(path.parent, SimpleNamespace(state=RecordDict()), keep=2, prefix="head").latest(up_to=9)
+    HeadStore(path.parent, keep=2, prefix="head").latest(up_to=9)
 
 
 def _resume(path: Path) -> None:

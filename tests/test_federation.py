@@ -132,13 +132,9 @@ def test_too_few_successful_clients_stop_the_run(partitions, tmp_path, faulty_cl
 
 
 def test_a_client_keeps_the_head_of_the_best_round(tmp_path):
-    from types import SimpleNamespace
-
-    from flwr.app import RecordDict
-
     from fedhubert.federation.client_app import HeadStore
 
-    store = HeadStore(tmp_path, SimpleNamespace(state=RecordDict()), keep=2, prefix="head")
+    store = HeadStore(tmp_path, keep=2, prefix="head")
     for rnd in range(1, 6):
         store.save(rnd, {"final_proj.weight": torch.full((2, 2), float(rnd))}, keep_round=2, targets_sha1="x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head_round_2.pt", "head_round_4.pt", "head_round_5.pt"]

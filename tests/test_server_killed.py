@@ -179,17 +179,13 @@ def test_a_server_killed_mid_round_resumes_to_the_uninterrupted_weights(federate
 def test_a_client_keeps_the_head_that_a_resume_of_the_round_before_needs(tmp_path):
     # A client writes head_round_<r>.pt before the server writes round_<r>.pt: a server killed in between
     # resumes at round r, whose training starts from the client's head of round r - 1, even with keep 1.
-    from types import SimpleNamespace
-
-    from flwr.app import RecordDict
-
     from fedhubert.federation.client_app import HeadStore
 
-    store = HeadStore(tmp_path, SimpleNamespace(state=RecordDict()), keep=1, prefix="head")
+    store = HeadStore(tmp_path, keep=1, prefix="head")
     for rnd in (1, 2, 3):
         store.save(rnd, {"final_proj.weight": torch.full((2, 2), float(rnd))}, keep_round=-1, targets_sha1="x")
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"head_round_{r}.pt" for r in (rnd - 1, rnd) if r]
-    resumed = HeadStore(tmp_path, SimpleNamespace(state=RecordDict()), keep=1, prefix="head")  # a new node state
+    resumed = HeadStore(tmp_path, keep=1, prefix="head")  # a new client process
     assert float(resumed.latest(up_to=2)["final_proj.weight"][0, 0]) == 2.0
 
 

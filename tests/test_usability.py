@@ -26,7 +26,7 @@ CONFIG_SCRIPTS = {"partition_data.py": [], "generate_kmeans_targets.py": [], "fe
                   "prepare_client.py": ["--audio", "audio", "--out", "client"]}
 # script -> an option its --help must list
 OTHER_SCRIPTS = {"export_huggingface.py": "folder", "make_speech_commands.py": "--train-voices",
-                 "run_s3prl_downstream.py": "--upstream"}
+                 "run_s3prl_downstream.py": "--upstream", "scripts/make_scale_corpus.py": "--speakers"}
 
 
 def run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
