@@ -304,8 +304,10 @@ def make_loader(client_dir: str | Path, split: str, cfg: Config, *, batch_size: 
 
     ``num_workers`` (default training.loader_workers) processes read and crop the audio while the model
     trains; the batches are the same as with none, since every crop is a pure function of (seed, epoch,
-    index). They stay up between epochs, and torch gives each one thread. The generator seeds them
-    (torch draws their seeds from it each epoch, from the global RNG without it)."""
+    index), and torch gives each one thread. Every epoch's iterator draws its one base seed from the
+    global torch RNG, with workers or without, so the masks and dropout that follow (and so the
+    training) are the same for any worker count, and the same as before workers existed. For that the
+    workers are not persistent: with persistent workers torch skips the draw after the first epoch."""
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1 for {client_dir}/{split}, got {batch_size}")
     workers = cfg.training.loader_workers if num_workers is None else num_workers
@@ -314,5 +316,4 @@ def make_loader(client_dir: str | Path, split: str, cfg: Config, *, batch_size: 
     log.debug("%s/%s: %d utterances, batch size %d, %d loader workers", client_dir, split, len(dataset),
               batch_size, workers)
     return ClientLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=workers, persistent_workers=workers > 0, drop_last=False, pin_memory=False,
-                        generator=torch.Generator().manual_seed(derive_seed(seed, "loader")))
+                        num_workers=workers, drop_last=False, pin_memory=False)
