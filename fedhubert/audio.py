@@ -29,13 +29,24 @@ class AudioInfo:
     channels: int
 
 
-def _flac_streaminfo(path: str | os.PathLike) -> AudioInfo | None:
+FLAC_HEAD_BYTES = 26  # the ``fLaC`` marker and the STREAMINFO fields up to the total sample count
+
+
+def read_head(path: str | os.PathLike, size: int = FLAC_HEAD_BYTES) -> bytes:
+    """The first ``size`` bytes of ``path`` (fewer for a shorter file); raises OSError. A bare descriptor:
+    a buffered file object costs 3x more, which shows when 280,000 headers are read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+def parse_flac_head(head: bytes) -> AudioInfo | None:
     """What libsndfile reports for a FLAC file, from its first 26 bytes: the ``fLaC`` marker and the
     STREAMINFO block that must follow it. None (ask libsndfile) for anything else: another format, an
     ID3 tag first, or a stream that does not record its length. A tenth of libsndfile's cost per file,
     which decides the scan of a 280,000-file corpus."""
-    with open(path, "rb") as handle:
-        head = handle.read(26)
     # bytes 4-7: last-block flag and type (0 = STREAMINFO), length 34; 8-17: block and frame sizes;
     # 18-25: sample rate (20 bits), channels - 1 (3), bits per sample - 1 (5), total samples (36)
     if len(head) < 26 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or head[5:8] != b"\x00\x00\x22":
@@ -45,10 +56,16 @@ def _flac_streaminfo(path: str | os.PathLike) -> AudioInfo | None:
     return AudioInfo(rate, frames, channels) if rate and frames else None
 
 
-def probe_audio(path: str | os.PathLike) -> AudioInfo:
-    """Reads only the header of ``path``; an unreadable or corrupt file raises DataError."""
+def _flac_streaminfo(path: str | os.PathLike) -> AudioInfo | None:
+    """:func:`parse_flac_head` of the file ``path``."""
+    return parse_flac_head(read_head(path))
+
+
+def probe_audio(path: str | os.PathLike, head: bytes | None = None) -> AudioInfo:
+    """Reads only the header of ``path`` (``head``: its first bytes, already read by the caller); an
+    unreadable or corrupt file raises DataError."""
     try:
-        fast = _flac_streaminfo(path)
+        fast = parse_flac_head(read_head(path) if head is None else head)
     except OSError as exc:
         raise DataError(f"{path}: not readable audio ({_short(exc)})") from None
     if fast is not None:

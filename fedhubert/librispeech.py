@@ -21,6 +21,7 @@ subset folders of audio, or a corpus without a single usable file, raises DataEr
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm import tqdm
 
-from fedhubert.audio import probe_audio, resampled_length
+from fedhubert.audio import probe_audio, read_head, resampled_length
 from fedhubert.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ SPEAKERS_FILE = "SPEAKERS.TXT"
 UNKNOWN_SEX = "unknown"
 _UTT_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")  # <spk>-<chapter>-<utt>
 _EVALUATION_SUBSET = re.compile(r"^(dev|test)-")  # LibriSpeech's dev-clean, dev-other, test-clean, test-other
-_FLAC_GLOB = "*/*/*.flac"  # <speaker>/<chapter or book>/<file>.flac inside a subset folder
 _BATCH = 256  # header reads per task of the scan's thread pool
 
 
@@ -130,11 +130,13 @@ def subset_dirs(root: Path, subsets: list[str]) -> list[Path]:
     return dirs
 
 
-def read_transcripts(chapter_dir: Path) -> dict[str, str]:
-    """Utterance id -> text from every ``*.trans.txt`` of a chapter folder."""
+def read_transcripts(paths: list[str]) -> dict[str, str]:
+    """Utterance id -> text from a chapter's ``.trans.txt`` files (a later file's line wins)."""
     texts: dict[str, str] = {}
-    for trans in sorted(chapter_dir.glob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8", errors="replace").splitlines():
+    for trans in paths:
+        with open(trans, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+        for line in lines:
             utt, _, text = line.strip().partition(" ")
             if utt:
                 texts[utt] = text.strip()
@@ -144,7 +146,7 @@ def read_transcripts(chapter_dir: Path) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Candidate:
     """A .flac with a well-formed name (and a transcript when one is required), waiting for its header."""
-    path: Path
+    path: str  # absolute, posix
     utt_id: str
     speaker: str
     chapter: str
@@ -152,24 +154,24 @@ class _Candidate:
     transcript: str
 
 
-def _candidates(root: Path, subset: Path, flacs: list[Path], rejects: list[Reject],
+def _candidates(root: Path, subset: Path, listing: _Listing, rejects: list[Reject],
                 require_transcripts: bool) -> list[_Candidate]:
-    """The .flac files of one subset (``flacs``) that have a proper name, and a transcript if
+    """The .flac files of one subset (``listing``) that have a proper name, and a transcript if
     ``require_transcripts``; the others go to ``rejects``."""
     # Strings, not Path operations, per file: at 280,000 files Path sorting, relative_to and parent
     # cost more than reading the headers (the order is the rows' business: they are sorted at the end).
     skip = len(root.as_posix()) + 1
-    by_folder: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    for path in flacs:
-        rel = path.as_posix()[skip:]
+    by_folder: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path in listing.flacs:
+        rel = path[skip:]
         by_folder[rel.rpartition("/")[0]].append((path, rel))
     found = []
     for folder, items in by_folder.items():
         spk_dir, chapter_dir = folder.split("/")[-2:]
-        texts = read_transcripts(root / folder)
+        trans = listing.transcripts.get(items[0][0].rpartition("/")[0], [])
+        texts = read_transcripts(trans)
         stems = [rel.rpartition("/")[2][:-len(".flac")] for _, rel in items]
-        librispeech = (bool(texts) or any(_UTT_NAME.match(s) for s in stems)
-                       or any((root / folder).glob("*.trans.txt")))
+        librispeech = bool(texts) or bool(trans) or any(_UTT_NAME.match(s) for s in stems)
         for (path, rel), stem in zip(items, stems):
             if librispeech:
                 match = _UTT_NAME.match(stem)
@@ -195,18 +197,20 @@ def _measure(c: _Candidate, root: Path, sexes: dict[str, str], sample_rate: int,
                          c.subset, c.transcript, sample_rate, min_samples)
 
 
-def measure_audio(path: Path, root: Path, utt_id: str, speaker: str, sex: str, chapter: str, subset: str,
+def measure_audio(path: str | Path, root: Path, utt_id: str, speaker: str, sex: str, chapter: str, subset: str,
                   transcript: str, sample_rate: int, min_samples: int) -> Utterance | Reject:
     """Header read of one audio file -> a manifest row (its path relative to ``root``), or a reject with
     the reason (unreadable, empty, no samples, shorter than ``min_samples`` at ``sample_rate``)."""
-    rel = path.as_posix()[len(root.as_posix()) + 1:]  # the path under root: relative_to costs 3x more
-    try:
-        if path.stat().st_size == 0:
-            return Reject(rel, utt_id, "empty file (0 bytes)")
+    path = os.fspath(path)
+    rel = path[len(root.as_posix()) + 1:]  # the path under root: relative_to costs 3x more
+    try:  # one open per file: its first bytes say both "empty" and, for FLAC, the length
+        head = read_head(path)
     except OSError as exc:  # e.g. a dangling symlink
         return Reject(rel, utt_id, f"cannot read file ({exc.strerror})")
+    if not head:
+        return Reject(rel, utt_id, "empty file (0 bytes)")
     try:
-        info = probe_audio(path)
+        info = probe_audio(path, head)
     except DataError as exc:
         return Reject(rel, utt_id, str(exc).split(": ", 1)[-1])
     if info.num_frames <= 0:
@@ -235,11 +239,47 @@ def read_headers(measure: Callable[[T], Utterance | Reject], items: Sequence[T],
             sorted((r for r in results if isinstance(r, Reject)), key=lambda r: r.path))
 
 
-def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, list[Path]]:
-    """Each subset folder's .flac files; a folder without any is an error, naming
+@dataclass
+class _Listing:
+    """A subset folder's files, as absolute posix strings: Path objects and pathlib's glob cost more than
+    the header reads at 280,000 files."""
+    flacs: list[str]                    # every <speaker>/<chapter>/*.flac, sorted
+    transcripts: dict[str, list[str]]   # chapter folder -> its *.trans.txt files, sorted
+
+
+def _subdirs(folder: str) -> list[str]:
+    """The folders in ``folder`` (symlinks to folders too, like a glob's ``*/``); an unreadable one has none."""
+    try:
+        with os.scandir(folder) as entries:
+            return [e.path for e in entries if e.is_dir()]
+    except OSError as exc:
+        log.warning("skipped %s: cannot list it (%s)", folder, exc.strerror)
+        return []
+
+
+def _list_subset(subset: Path) -> _Listing:
+    """The ``<speaker>/<chapter or book>/`` files of one subset folder that the scan reads."""
+    listing = _Listing([], {})
+    for chapter in (c for speaker in _subdirs(subset.as_posix()) for c in _subdirs(speaker)):
+        try:
+            with os.scandir(chapter) as entries:
+                names = [e.name for e in entries]
+        except OSError as exc:
+            log.warning("skipped %s: cannot list it (%s)", chapter, exc.strerror)
+            continue
+        listing.flacs += [f"{chapter}/{n}" for n in names if n.endswith(".flac")]
+        trans = sorted(f"{chapter}/{n}" for n in names if n.endswith(".trans.txt"))
+        if trans:
+            listing.transcripts[chapter] = trans
+    listing.flacs.sort()
+    return listing
+
+
+def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, _Listing]:
+    """Each subset folder's .flac files (and transcripts); a folder without any is an error, naming
     data.librispeech_root when no folder has any (the root is one level off)."""
-    flacs = {d: sorted(d.glob(_FLAC_GLOB), key=str) for d in dirs}
-    empty = [d for d in dirs if not flacs[d]]
+    listings = {d: _list_subset(d) for d in dirs}
+    empty = [d for d in dirs if not listings[d].flacs]
     if auto and len(empty) == len(dirs):
         raise DataError(f"no <subset>/<speaker>/<chapter>/*.flac files under {root}: data.librispeech_root must be "
                         f"the folder that holds the subset folders (e.g. LibriSpeech/, which holds train-clean-100/)")
@@ -247,7 +287,7 @@ def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, list[P
         why = (" is empty: every folder under data.librispeech_root but dev-*/test-* is scanned; name the ones to "
                "scan") if auto else ""
         raise DataError(f"subset folder {empty[0]} holds no <speaker>/<chapter>/*.flac files (data.subsets{why})")
-    return flacs
+    return listings
 
 
 def _read_sexes(root: Path) -> dict[str, str]:

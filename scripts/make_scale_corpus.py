@@ -65,7 +65,7 @@ def bundled_utterances(root: Path) -> list[tuple[Path, str]]:
     """(flac, transcript) of every bundled utterance, sorted by path."""
     found = []
     for chapter in sorted({p.parent for p in root.glob("*/*/*/*.flac")}):
-        texts = read_transcripts(chapter)
+        texts = read_transcripts(sorted(str(t) for t in chapter.glob("*.trans.txt")))
         found += [(f, texts[f.stem]) for f in sorted(chapter.glob("*.flac")) if f.stem in texts]
     if not found:
         raise DataError(f"no transcribed .flac files under {root}: the bundled corpus is missing")

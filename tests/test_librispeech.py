@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -256,3 +257,31 @@ def test_load_audio_resamples_like_torchaudio_functional(tmp_path, rate, channel
     expected = AF.resample(torch.from_numpy(data.mean(axis=1)), rate, 16000)
     for _ in range(2):  # the second call reuses the cached kernel
         assert torch.equal(load_audio(tmp_path / "a.wav", 16000), expected)
+
+
+def test_listing_follows_folder_links_and_rejects_dangling_files(tmp_path, monkeypatch):
+    """The scan lists folders itself (os.scandir, not pathlib's glob): a speaker folder that is a symlink is
+    followed, a dangling .flac link is a reject with its reason, a chapter's second .trans.txt is read,
+    and each file is opened once (its first bytes say "empty" and give a FLAC's length)."""
+    root = copy_corpus(tmp_path / "LS", utts_per_speaker=2)
+    speakers = sorted(p.name for p in (root / SUBSET).iterdir())
+    moved = shutil.move(str(root / SUBSET / speakers[0]), str(tmp_path / "elsewhere"))
+    (root / SUBSET / speakers[0]).symlink_to(moved, target_is_directory=True)
+    chapter = next((root / SUBSET / speakers[1]).iterdir())
+    first = sorted(chapter.glob("*.flac"))[0]
+    extra = chapter / f"{speakers[1]}-{chapter.name}-9999.flac"
+    shutil.copy(first, extra)
+    (chapter / "more.trans.txt").write_text(f"{extra.stem} A SECOND TRANSCRIPT FILE\n")
+    (chapter / f"{speakers[1]}-{chapter.name}-0404.flac").symlink_to(tmp_path / "gone.flac")
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (opened.append(os.fspath(path)), real_open(path, *a, **k))[1])
+    rows, rejects = scan(root)
+    by_id = {r.utt_id: r for r in rows}
+    assert len(rows) == 2 * len(speakers) + 1 and all(by_id[r.utt_id].speaker == r.speaker for r in rows)
+    assert sum(r.speaker == speakers[0] for r in rows) == 2
+    assert by_id[extra.stem].transcript == "A SECOND TRANSCRIPT FILE"
+    assert [(r.utt_id, r.reason) for r in rejects] == [(f"{speakers[1]}-{chapter.name}-0404",
+                                                         "cannot read file (No such file or directory)")]
+    flac_opens = [p for p in opened if p.endswith(".flac")]
+    assert len(flac_opens) == len(set(flac_opens)) == len(rows) + 1
