@@ -56,7 +56,8 @@ class DataConfig:
     min_audio_length: int = knob(FRAME_LENGTH, "shorter utterances are rejected (need at least one frame)", low=FRAME_LENGTH)
     mask_length: int = knob(10, "frames per masked span", low=1)
     mask_prob: float = knob(0.08, "per-frame chance of starting a masked span (HuBERT paper's p; fairseq's mask_prob = p * mask_length)", low=0.0, high=1.0)
-    scan_workers: int = knob(8, "threads reading audio headers while building the manifest", low=1, high=256)
+    scan_workers: int = knob(8, "threads reading audio headers once the reads wait on the storage (cached files: one)",
+                             low=1, high=256)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -42,6 +43,7 @@ UNKNOWN_SEX = "unknown"
 _UTT_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")  # <spk>-<chapter>-<utt>
 _EVALUATION_SUBSET = re.compile(r"^(dev|test)-")  # LibriSpeech's dev-clean, dev-other, test-clean, test-other
 _BATCH = 256  # header reads per task of the scan's thread pool
+_WAITING = 2.0  # a batch whose wall time is over this many times its CPU time waited on the storage
 
 
 @dataclass(frozen=True)
@@ -225,16 +227,29 @@ def measure_audio(path: str | Path, root: Path, utt_id: str, speaker: str, sex: 
 
 def read_headers(measure: Callable[[T], Utterance | Reject], items: Sequence[T],
                  workers: int) -> tuple[list[Utterance], list[Reject]]:
-    """``measure`` of every item by a pool of ``workers`` threads (header reads wait on the disk, not the
-    CPU), in batches of :data:`_BATCH` items: a future and a progress update per file would cost more
-    than its header. Returns (rows, rejects), each sorted by path."""
+    """``measure`` of every item, in batches of :data:`_BATCH` items (a future and a progress update per
+    file would cost more than its header). Returns (rows, rejects), each sorted by path.
+
+    Batches are read in this thread while its reads are CPU-bound (the files are in the page cache): on a
+    warm 280,560-file tree one thread reads twice the files per second of 8, which spend the time passing
+    Python's lock around. The first batch that waits on the storage (wall time over
+    :data:`_WAITING` times this thread's CPU time) hands the rest to a pool of ``workers`` threads, whose
+    reads then overlap."""
     batches = [items[i:i + _BATCH] for i in range(0, len(items), _BATCH)]
     results: list[Utterance | Reject] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(items), desc="reading audio headers", unit="file") as bar:
-        for done in pool.map(lambda batch: [measure(item) for item in batch], batches):
+    with tqdm(total=len(items), desc="reading audio headers", unit="file") as bar:
+        while batches:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            done = [measure(item) for item in batches.pop(0)]
             results += done
             bar.update(len(done))
+            if workers > 1 and time.perf_counter() - wall > _WAITING * (time.thread_time() - cpu):
+                break
+        if batches:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for done in pool.map(lambda batch: [measure(item) for item in batch], batches):
+                    results += done
+                    bar.update(len(done))
     return (sorted((r for r in results if isinstance(r, Utterance)), key=lambda r: r.path),
             sorted((r for r in results if isinstance(r, Reject)), key=lambda r: r.path))
 

@@ -285,3 +285,31 @@ def test_listing_follows_folder_links_and_rejects_dangling_files(tmp_path, monke
                                                          "cannot read file (No such file or directory)")]
     flac_opens = [p for p in opened if p.endswith(".flac")]
     assert len(flac_opens) == len(set(flac_opens)) == len(rows) + 1
+
+
+def test_header_reads_stay_in_one_thread_until_they_wait_on_the_storage():
+    """Cached headers are read by the calling thread (threads only pass Python's lock around); once a
+    batch waits on the storage (here: a sleep, no CPU), the rest goes to the pool and overlaps."""
+    import threading
+    import time
+
+    from fedhubert.librispeech import _BATCH, Reject, read_headers
+
+    def run(wait: float) -> list[int]:
+        threads: list[int] = []
+
+        def measure(i: int) -> Reject:
+            threads.append(threading.get_ident())
+            if wait:
+                time.sleep(wait)
+            else:  # a cached header's CPU work, enough that a scheduler hiccup does not look like a wait
+                sum(range(2000))
+            return Reject(f"{i:05d}", str(i), "test")
+        _, rejects = read_headers(measure, list(range(4 * _BATCH)), workers=4)
+        assert [r.utt_id for r in rejects] == [str(i) for i in range(4 * _BATCH)]
+        return threads
+
+    here = threading.get_ident()
+    assert set(run(0.0)) == {here}
+    waiting = run(0.0005)
+    assert set(waiting[:_BATCH]) == {here} and len(set(waiting[_BATCH:]) - {here}) > 1
