@@ -9,6 +9,9 @@ Reports, as JSON (stdout and benchmarks/results/data.json) plus one table line:
              for labelling (predict), with BLAS/OpenMP limited to one thread;
   decode     audio seconds per wall second of soundfile decoding + resampling (load_audio);
   label      decode + MFCC + predict together, per core: the labelling pass of one utterance;
+  floors     what bounds that figure: torchaudio's power spectrogram alone (MFCC's first step), and the
+             reference FLAC decoder (`flac -d`, libFLAC's own tool, when it is installed) decoding the same
+             files, both per CPU second;
   cache      the feature cache (features.FeatureCache) against recomputing: seconds per audio hour to
              decode + MFCC again, and to write the frames once and read them back; a client's k-means
              uses every training utterance fit_passes + 1 times, so the cache saves fit_passes recomputes;
@@ -27,6 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +69,18 @@ def cpu_timed(fn):
     cpu = time.process_time()
     result, wall = timed(fn)
     return result, wall, time.process_time() - cpu
+
+
+def flac_cli_audio_s_per_cpu_s(paths: list[Path], audio_s: float) -> float | None:
+    """Audio seconds per CPU second of libFLAC's own command-line decoder on ``paths`` (one process,
+    output discarded): what decoding costs without libsndfile. None when ``flac`` is not installed."""
+    if shutil.which("flac") is None:
+        return None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(["flac", "--silent", "--decode", "--stdout", *map(str, paths)], check=True,
+                   stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(audio_s / (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime), 1)
 
 
 def _busy(n: int) -> int:
@@ -147,6 +165,8 @@ def main() -> None:
         features = MfccFeatures(cfg)
         features(wavs[0])  # warm-up
         feats, t_mfcc, c_mfcc = cpu_timed(lambda: [features(w) for w in wavs])
+        spectrogram = features.mfcc.MelSpectrogram.spectrogram  # MFCC's first step: |STFT|^2
+        _, _, c_spec = cpu_timed(lambda: [spectrogram(w) for w in wavs])
     default_threads = torch.get_num_threads()
     _, t_mfcc_default = timed(lambda: [features(w) for w in wavs])
     frames = sum(len(f) for f in feats)
@@ -179,6 +199,12 @@ def main() -> None:
         "decode_mfcc_label_audio_s_per_s_per_core": round(audio_s / (t_load + t_mfcc + t_predict), 1),
         # one thread: audio seconds per CPU second is the per-core speed however busy the machine is
         "decode_mfcc_label_audio_s_per_cpu_s": round(audio_s / (c_load + c_mfcc + c_predict), 1),
+        "decode_audio_s_per_cpu_s": round(audio_s / c_load, 1),
+        "mfcc_audio_s_per_cpu_s": round(audio_s / c_mfcc, 1),
+        "label_audio_s_per_cpu_s": round(audio_s / c_predict, 1),
+        "floors": {"spectrogram_audio_s_per_cpu_s": round(audio_s / c_spec, 1),
+                   "flac_cli_decode_audio_s_per_cpu_s": flac_cli_audio_s_per_cpu_s(
+                       [Path(args.root) / r.path for r in picked], audio_s)},
         "feature_cache": {
             "recompute_s_per_audio_h": round((t_load + t_mfcc) / audio_s * 3600, 3),
             "write_s_per_audio_h": round(t_cache_write / audio_s * 3600, 3),
@@ -207,6 +233,8 @@ def main() -> None:
           f"vs decode) | mfcc {r['mfcc_audio_s_per_s_per_core']} audio-s/s/core | kmeans fit "
           f"{r['kmeans_fit_audio_s_per_s_per_core']} label {r['kmeans_label_audio_s_per_s_per_core']} "
           f"audio-s/s/core (K={k}) | decode+mfcc+label {r['decode_mfcc_label_audio_s_per_s_per_core']} audio-s/s/core "
+          f"({r['decode_mfcc_label_audio_s_per_cpu_s']} per CPU-s; floors: spectrogram alone "
+          f"{r['floors']['spectrogram_audio_s_per_cpu_s']}, flac -d alone {r['floors']['flac_cli_decode_audio_s_per_cpu_s']}) "
           f"| cache: client stage {r['feature_cache']['client_s_per_audio_h_without']} -> "
           f"{r['feature_cache']['client_s_per_audio_h_with']} s per audio hour | workers 2 vs 1 "
           f"x{r['workers']['speedup_2_vs_1']} (bundled)")
