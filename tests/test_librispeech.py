@@ -287,29 +287,34 @@ def test_listing_follows_folder_links_and_rejects_dangling_files(tmp_path, monke
     assert len(flac_opens) == len(set(flac_opens)) == len(rows) + 1
 
 
-def test_header_reads_stay_in_one_thread_until_they_wait_on_the_storage():
+def test_header_reads_stay_in_one_thread_until_they_wait_on_the_storage(monkeypatch):
     """Cached headers are read by the calling thread (threads only pass Python's lock around); once a
-    batch waits on the storage (here: a sleep, no CPU), the rest goes to the pool and overlaps."""
+    batch waits on the storage (wall time over twice its CPU time), the rest goes to the pool and overlaps.
+    The clocks are the test's own, so a busy machine cannot make a CPU-bound batch look like a wait."""
     import threading
-    import time
+    import types
 
+    from fedhubert import librispeech
     from fedhubert.librispeech import _BATCH, Reject, read_headers
 
-    def run(wait: float) -> list[int]:
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(librispeech, "time", types.SimpleNamespace(perf_counter=lambda: clock["wall"],
+                                                                   thread_time=lambda: clock["cpu"]))
+
+    def run(wait: float, workers: int = 4) -> list[int]:
         threads: list[int] = []
 
         def measure(i: int) -> Reject:
             threads.append(threading.get_ident())
-            if wait:
-                time.sleep(wait)
-            else:  # a cached header's CPU work, enough that a scheduler hiccup does not look like a wait
-                sum(range(2000))
+            clock["cpu"] += 1e-5  # a cached header's CPU time ...
+            clock["wall"] += 1e-5 + wait  # ... and the time spent waiting for the storage
             return Reject(f"{i:05d}", str(i), "test")
-        _, rejects = read_headers(measure, list(range(4 * _BATCH)), workers=4)
+        _, rejects = read_headers(measure, list(range(4 * _BATCH)), workers=workers)
         assert [r.utt_id for r in rejects] == [str(i) for i in range(4 * _BATCH)]
         return threads
 
     here = threading.get_ident()
     assert set(run(0.0)) == {here}
-    waiting = run(0.0005)
-    assert set(waiting[:_BATCH]) == {here} and len(set(waiting[_BATCH:]) - {here}) > 1
+    assert set(run(1e-3, workers=1)) == {here}
+    waiting = run(1e-3)
+    assert set(waiting[:_BATCH]) == {here} and here not in waiting[_BATCH:]
