@@ -10,8 +10,8 @@ initialisation as the federated run's round 0. A next iteration (kmeans.features
 federation.init_checkpoint) is repeated without federation too: the pooled frames are clustered in
 the last iteration's *centralized* model's features and training starts from its encoder
 (evaluation.centralized_init), so each iteration of both rows has the same compute. Its checkpoint
-is cached under the evaluation folder and reused while the config, the budget, the pooled data and
-the checkpoints it starts from stay the same.
+is cached under the evaluation folder and reused while the config, the budget, the pooled data, the
+checkpoints it starts from and the package's code stay the same.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fedhubert.checkpoint import read_checkpoint, save_checkpoint
 from fedhubert.config import Config, config_from_dict
 from fedhubert.data import derive_seed, majority_share, make_loader, read_manifest
 from fedhubert.errors import ConfigError, DataError
-from fedhubert.fileio import atomic_write_text, file_sha1
+from fedhubert.fileio import atomic_write_text, file_sha1, package_sha1
 from fedhubert.partition import SPLITS
 from fedhubert.train import evaluate_local, resolve_device, train_local
 
@@ -102,6 +102,7 @@ def _fingerprint(cfg: Config, budget: Budget, pooled: Path) -> str:
     keys["budget"] = [budget.round_steps, budget.batch_size]
     keys["init"] = _sources(cfg)
     keys["manifests"] = [(pooled / f"{s}.tsv").read_text() for s in SPLITS]
+    keys["code"] = package_sha1()  # a fix to training or features must not be hidden by a stale model
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -163,10 +164,11 @@ def train_centralized(cfg: Config, out_dir: Path, budget: Budget) -> tuple[Path,
     checkpoint = out_dir / "model.pt"
     fingerprint = _fingerprint(pcfg, budget, pooled)
     if checkpoint.is_file() and read_checkpoint(checkpoint).get("fingerprint") == fingerprint:
-        log.info("centralized: reusing %s (same config, budget and data)", checkpoint)
+        log.info("centralized: reusing %s (same config, budget, data and code)", checkpoint)
         return checkpoint, read_checkpoint(checkpoint)["info"]
     labels_made_by = pooled / "targets.fingerprint"  # other features or k-means keys: new labels
-    labels_key = hashlib.sha1(json.dumps([pcfg.to_dict()["kmeans"], pcfg.seed, _sources(pcfg)]).encode()).hexdigest()
+    labels_key = hashlib.sha1(json.dumps([pcfg.to_dict()["kmeans"], pcfg.seed, _sources(pcfg),
+                                          package_sha1()]).encode()).hexdigest()
     if not (pooled / "train.km").is_file() or not labels_made_by.is_file() or labels_made_by.read_text() != labels_key:
         features = make_features(pcfg)
         with feature_threads(features):

@@ -9,6 +9,7 @@ never picks one up; it is safe to delete."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -56,4 +57,15 @@ def file_sha1(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def package_sha1() -> str:
+    """SHA-1 of the fedhubert package's source: every .py file's path and bytes. A cache keyed on it is
+    rebuilt after any code change (a fix to training or to the features changes what it would hold)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

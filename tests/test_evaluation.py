@@ -137,3 +137,36 @@ def test_a_rounds_global_model_with_its_compute(tiny_pretraining, tmp_path):
     assert spec.checkpoint.name == "round_1.pt" and spec.examples == first.examples
     with pytest.raises(DataError, match=r"--round 7: .*round_7.pt not found \(rounds kept: \[0, 1, 2\]"):
         row_specs(cfg, tmp_path, ["federated"], federated_round=7)
+
+
+def test_the_cached_centralized_model_is_keyed_on_the_code(tmp_path, monkeypatch):
+    """A fix to training or to the features must retrain the centralized row, not reuse the model an
+    older version trained: the cache key holds the package's source, and only what changes it matters."""
+    from fedhubert import centralized, fileio
+
+    pooled = tmp_path / "pooled"
+    pooled.mkdir()
+    for split in ("train", "valid"):
+        (pooled / f"{split}.tsv").write_text(f"/audio\n{split}.flac\t32000\n")
+    cfg, budget = fed_config(("/x", "/y"), "/z"), centralized.Budget(6, 24, [3, 3])
+    key = centralized._fingerprint(cfg, budget, pooled)
+    assert centralized._fingerprint(cfg, budget, pooled) == key
+    assert fileio.package_sha1() == fileio.package_sha1.__wrapped__()  # the cached value is the source's
+    monkeypatch.setattr(centralized, "package_sha1", lambda: "0" * 40)  # as if a module had been edited
+    assert centralized._fingerprint(cfg, budget, pooled) != key
+
+
+def test_package_sha1_follows_every_source_file(tmp_path, monkeypatch):
+    from fedhubert import fileio
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "fileio.py").write_text("a = 1\n")
+    (package / "sub" / "m.py").write_text("b = 2\n")
+    monkeypatch.setattr(fileio, "__file__", str(package / "fileio.py"))
+    before = fileio.package_sha1.__wrapped__()
+    (package / "sub" / "m.py").write_text("b = 3\n")
+    assert fileio.package_sha1.__wrapped__() != before
+    (package / "notes.txt").write_text("not code")
+    (package / "sub" / "m.py").write_text("b = 2\n")
+    assert fileio.package_sha1.__wrapped__() == before
