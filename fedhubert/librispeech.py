@@ -291,18 +291,21 @@ def _list_subset(subset: Path) -> _Listing:
 
 
 def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, _Listing]:
-    """Each subset folder's .flac files (and transcripts); a folder without any is an error, naming
-    data.librispeech_root when no folder has any (the root is one level off)."""
+    """Each subset folder's .flac files (and transcripts). A named folder without any is an error; with
+    ``auto`` (data.subsets empty) one is left out with a warning (a client folder, a models folder under
+    the root), and it is an error, naming data.librispeech_root, only when no folder has any (the root is
+    one level off)."""
     listings = {d: _list_subset(d) for d in dirs}
     empty = [d for d in dirs if not listings[d].flacs]
     if auto and len(empty) == len(dirs):
         raise DataError(f"no <subset>/<speaker>/<chapter>/*.flac files under {root}: data.librispeech_root must be "
                         f"the folder that holds the subset folders (e.g. LibriSpeech/, which holds train-clean-100/)")
+    if empty and not auto:
+        raise DataError(f"subset folder {empty[0]} holds no <speaker>/<chapter>/*.flac files (data.subsets)")
     if empty:
-        why = (" is empty: every folder under data.librispeech_root but dev-*/test-* is scanned; name the ones to "
-               "scan") if auto else ""
-        raise DataError(f"subset folder {empty[0]} holds no <speaker>/<chapter>/*.flac files (data.subsets{why})")
-    return listings
+        log.warning("left out %s under %s: no <speaker>/<chapter>/*.flac files in them (name the subsets in "
+                    "data.subsets to scan only those)", ", ".join(d.name for d in empty), root)
+    return {d: listing for d, listing in listings.items() if listing.flacs}
 
 
 def _read_sexes(root: Path) -> dict[str, str]:
@@ -324,7 +327,8 @@ def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samp
     flacs = _subset_flacs(root, dirs, auto=not subsets)
     sexes = _read_sexes(root)
     rejects: list[Reject] = []
-    candidates = [c for d in dirs for c in _candidates(root, d, flacs[d], rejects, require_transcripts)]
+    candidates = [c for d, listing in flacs.items()
+                  for c in _candidates(root, d, listing, rejects, require_transcripts)]
     rows, unusable = read_headers(lambda c: _measure(c, root, sexes, sample_rate, min_samples), candidates, workers)
     rejects = sorted(rejects + unusable, key=lambda r: r.path)
     if rejects:

@@ -127,14 +127,23 @@ def test_default_subsets_leave_out_evaluation_sets_and_named_ones_warn(tmp_path,
     (root / "dev-clean").mkdir()
     (root / SUBSET / "1998").rename(root / "dev-clean" / "1998")
     caplog.set_level(logging.INFO)
-    rows, _ = scan(root, subsets=[])
-    assert {(r.subset, r.speaker) for r in rows} == {("train-clean-100", "1688")}
+    rows_default, _ = scan(root, subsets=[])
+    assert {(r.subset, r.speaker) for r in rows_default} == {("train-clean-100", "1688")}
     assert "left out dev-clean, test-other" in caplog.text and "WARNING" not in caplog.text
     caplog.clear()
     rows, _ = scan(root, subsets=["train-clean-100", SUBSET])
     assert {(r.subset, r.speaker) for r in rows} == {("train-clean-100", "1688"), (SUBSET, "2033")}
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "data.subsets names test-other" in warning.message and "leaks test speech" in warning.message
+    client = root / "client_0"  # a client folder (prepare_client.py --out) or any folder without audio
+    client.mkdir()
+    (client / "train.tsv").write_text("..\n")
+    caplog.clear()
+    assert scan(root, subsets=[])[0] == rows_default
+    assert "left out client_0 under" in caplog.text
+    with pytest.raises(DataError, match=r"subset folder .*client_0 holds no .*\(data.subsets\)"):
+        scan(root, subsets=["client_0"])
+    shutil.rmtree(client)
     shutil.rmtree(root / "train-clean-100")  # only evaluation sets left: the default scans nothing
     with pytest.raises(DataError, match=r"no training subset folders .*\(dev-clean, test-other\).*data.subsets"):
         scan(root, subsets=[])
