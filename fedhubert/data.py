@@ -26,6 +26,8 @@ from fedhubert.config import FRAME_LENGTH, FRAME_STRIDE, NUM_SPECIAL_SYMBOLS, Co
 from fedhubert.errors import DataError, FedHubertError
 
 log = logging.getLogger(__name__)
+# how a client folder is made again: the simulation's stage, or a deployed client's own command
+REBUILD = "partition_data.py; on a client machine, prepare_client.py"
 
 IGNORE_INDEX = -100  # target id of frames that carry no label (padding); ignored by the loss
 
@@ -141,8 +143,8 @@ def check_client_data(folder: Path, num_clusters: int | None, splits: tuple[str,
             read_labels(folder / f"{split}.km", [size for _, _, size in entries], num_clusters)
         for lineno, rel, _ in entries:
             if not (root / rel).is_file():
-                raise DataError(f"{tsv}:{lineno}: audio file {root / rel} not found; rebuild the partitions "
-                                f"(partition_data.py) or restore the file")
+                raise DataError(f"{tsv}:{lineno}: audio file {root / rel} not found; restore the file, or rebuild "
+                                f"the client folder ({REBUILD})")
 
 
 def majority_share(labels: np.ndarray) -> float:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from fedhubert.audio import load_audio
 from fedhubert.config import NUM_SPECIAL_SYMBOLS, Config, num_frames
-from fedhubert.data import check_client_data, derive_seed, read_manifest
+from fedhubert.data import REBUILD, check_client_data, derive_seed, read_manifest
 from fedhubert.errors import ConfigError, DataError
 from fedhubert.features import FeatureCache, HubertFeatures, MfccFeatures, make_features
 from fedhubert.fileio import atomic_open, atomic_path
@@ -93,11 +93,12 @@ class SplitFrames:
         try:
             wav = load_audio(path, self.sample_rate)
         except DataError as exc:  # a header can look fine while the data is truncated or corrupt
-            raise DataError(f"{exc}; listed in {self.tsv}: remove or replace the file, then rerun "
-                            f"partition_data.py") from None
+            raise DataError(f"{exc}; listed in {self.tsv}: remove or replace the file, then rebuild "
+                            f"the client folder ({REBUILD})") from None
         if wav.shape[0] != self.sizes[i]:
             raise DataError(f"{path}: decoded {wav.shape[0]} samples at {self.sample_rate} Hz but {self.tsv} "
-                            f"lists {self.sizes[i]}; the file changed since partition_data.py ran: rerun it")
+                            f"lists {self.sizes[i]}; the file changed since the folder was made: rebuild the "
+                            f"folder ({REBUILD})")
         feats = self.features(wav)
         if feats.shape[0] != num_frames(self.sizes[i]):
             raise DataError(f"{path}: {feats.shape[0]} feature frames but num_frames({self.sizes[i]}) = "

@@ -192,4 +192,5 @@ def test_truncated_audio_fails_clearly_without_output(partitioned):
     with pytest.raises(DataError, match=rel.rsplit("/", 1)[-1]) as err:
         generate_targets(cfg, "0")
     assert "train.tsv" in str(err.value) and "\n" not in str(err.value)
+    assert "partition_data.py" in str(err.value) and "prepare_client.py" in str(err.value)  # both ways to rebuild
     assert not any((out / "client_0" / n).exists() for n in ("train.km", "valid.km", "kmeans.joblib"))
