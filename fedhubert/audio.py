@@ -49,16 +49,11 @@ def parse_flac_head(head: bytes) -> AudioInfo | None:
     which decides the scan of a 280,000-file corpus."""
     # bytes 4-7: last-block flag and type (0 = STREAMINFO), length 34; 8-17: block and frame sizes;
     # 18-25: sample rate (20 bits), channels - 1 (3), bits per sample - 1 (5), total samples (36)
-    if len(head) < 26 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or head[5:8] != b"\x00\x00\x22":
+    if len(head) < FLAC_HEAD_BYTES or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or head[5:8] != b"\x00\x00\x22":
         return None
     bits = int.from_bytes(head[18:26], "big")
     rate, channels, frames = bits >> 44, ((bits >> 41) & 0x7) + 1, bits & ((1 << 36) - 1)
     return AudioInfo(rate, frames, channels) if rate and frames else None
-
-
-def _flac_streaminfo(path: str | os.PathLike) -> AudioInfo | None:
-    """:func:`parse_flac_head` of the file ``path``."""
-    return parse_flac_head(read_head(path))
 
 
 def probe_audio(path: str | os.PathLike, head: bytes | None = None) -> AudioInfo:

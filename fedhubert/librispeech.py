@@ -10,8 +10,9 @@ Layouts, told apart per chapter folder:
                ``.flac`` (unique by construction: Libri-Light's file names repeat across books).
 Self-supervised pretraining needs no transcripts: a file without one is kept (transcript "") unless
 ``require_transcripts``. With ``subsets`` empty, LibriSpeech's dev-*/test-* folders are left out: the
-downstream tasks evaluate on them. Lengths come from file headers only (read by a thread pool), so
-scanning 1000 hours takes minutes, not the hours a full decode would.
+downstream tasks evaluate on them. Lengths come from file headers only (one read of a file's first
+bytes; a thread pool once the reads wait on the storage), so scanning 1000 hours takes minutes, not the
+hours a full decode would.
 
 Files that cannot be used (unreadable, empty, too short, misnamed, no transcript when one is required)
 become :class:`Reject` rows with a reason; the scan goes on. A missing root or subset, a root without
@@ -173,7 +174,7 @@ def _candidates(root: Path, subset: Path, listing: _Listing, rejects: list[Rejec
         trans = listing.transcripts.get(items[0][0].rpartition("/")[0], [])
         texts = read_transcripts(trans)
         stems = [rel.rpartition("/")[2][:-len(".flac")] for _, rel in items]
-        librispeech = bool(texts) or bool(trans) or any(_UTT_NAME.match(s) for s in stems)
+        librispeech = bool(trans) or any(_UTT_NAME.match(s) for s in stems)
         for (path, rel), stem in zip(items, stems):
             if librispeech:
                 match = _UTT_NAME.match(stem)
@@ -230,26 +231,23 @@ def read_headers(measure: Callable[[T], Utterance | Reject], items: Sequence[T],
     """``measure`` of every item, in batches of :data:`_BATCH` items (a future and a progress update per
     file would cost more than its header). Returns (rows, rejects), each sorted by path.
 
-    Batches are read in this thread while its reads are CPU-bound (the files are in the page cache): on a
-    warm 280,560-file tree one thread reads twice the files per second of 8, which spend the time passing
-    Python's lock around. The first batch that waits on the storage (wall time over
+    Batches are read in this thread while its reads are CPU-bound (the files are in the page cache): there,
+    more threads only pass Python's lock around and read fewer files per second than one. The first batch that waits on the storage (wall time over
     :data:`_WAITING` times this thread's CPU time) hands the rest to a pool of ``workers`` threads, whose
     reads then overlap."""
-    batches = [items[i:i + _BATCH] for i in range(0, len(items), _BATCH)]
+    batches = (items[i:i + _BATCH] for i in range(0, len(items), _BATCH))
     results: list[Utterance | Reject] = []
     with tqdm(total=len(items), desc="reading audio headers", unit="file") as bar:
-        while batches:
+        for batch in batches:
             wall, cpu = time.perf_counter(), time.thread_time()
-            done = [measure(item) for item in batches.pop(0)]
-            results += done
-            bar.update(len(done))
+            results += [measure(item) for item in batch]
+            bar.update(len(batch))
             if workers > 1 and time.perf_counter() - wall > _WAITING * (time.thread_time() - cpu):
-                break
-        if batches:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for done in pool.map(lambda batch: [measure(item) for item in batch], batches):
-                    results += done
-                    bar.update(len(done))
+                break  # the rest of ``batches`` goes to the pool
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done in pool.map(lambda batch: [measure(item) for item in batch], batches):
+                results += done
+                bar.update(len(done))
     return (sorted((r for r in results if isinstance(r, Utterance)), key=lambda r: r.path),
             sorted((r for r in results if isinstance(r, Reject)), key=lambda r: r.path))
 
@@ -262,26 +260,26 @@ class _Listing:
     transcripts: dict[str, list[str]]   # chapter folder -> its *.trans.txt files, sorted
 
 
-def _subdirs(folder: str) -> list[str]:
-    """The folders in ``folder`` (symlinks to folders too, like a glob's ``*/``); an unreadable one has none."""
+def _entries(folder: str) -> list[os.DirEntry]:
+    """What ``folder`` holds; an unreadable folder is skipped with a warning (holds nothing)."""
     try:
         with os.scandir(folder) as entries:
-            return [e.path for e in entries if e.is_dir()]
+            return list(entries)
     except OSError as exc:
         log.warning("skipped %s: cannot list it (%s)", folder, exc.strerror)
         return []
+
+
+def _subdirs(folder: str) -> list[str]:
+    """The folders in ``folder`` (symlinks to folders too, like a glob's ``*/``)."""
+    return [e.path for e in _entries(folder) if e.is_dir()]
 
 
 def _list_subset(subset: Path) -> _Listing:
     """The ``<speaker>/<chapter or book>/`` files of one subset folder that the scan reads."""
     listing = _Listing([], {})
     for chapter in (c for speaker in _subdirs(subset.as_posix()) for c in _subdirs(speaker)):
-        try:
-            with os.scandir(chapter) as entries:
-                names = [e.name for e in entries]
-        except OSError as exc:
-            log.warning("skipped %s: cannot list it (%s)", chapter, exc.strerror)
-            continue
+        names = [e.name for e in _entries(chapter)]
         listing.flacs += [f"{chapter}/{n}" for n in names if n.endswith(".flac")]
         trans = sorted(f"{chapter}/{n}" for n in names if n.endswith(".trans.txt"))
         if trans:
@@ -290,7 +288,7 @@ def _list_subset(subset: Path) -> _Listing:
     return listing
 
 
-def _subset_flacs(root: Path, dirs: list[Path], auto: bool) -> dict[Path, _Listing]:
+def _subset_listings(root: Path, dirs: list[Path], auto: bool) -> dict[Path, _Listing]:
     """Each subset folder's .flac files (and transcripts). A named folder without any is an error; with
     ``auto`` (data.subsets empty) one is left out with a warning (a client folder, a models folder under
     the root), and it is an error, naming data.librispeech_root, only when no folder has any (the root is
@@ -324,10 +322,10 @@ def scan_corpus(root: str | Path, subsets: list[str], sample_rate: int, min_samp
     (transcript "") unless ``require_transcripts``."""
     root = Path(root).expanduser().resolve()
     dirs = subset_dirs(root, subsets)
-    flacs = _subset_flacs(root, dirs, auto=not subsets)
+    listings = _subset_listings(root, dirs, auto=not subsets)
     sexes = _read_sexes(root)
     rejects: list[Reject] = []
-    candidates = [c for d, listing in flacs.items()
+    candidates = [c for d, listing in listings.items()
                   for c in _candidates(root, d, listing, rejects, require_transcripts)]
     rows, unusable = read_headers(lambda c: _measure(c, root, sexes, sample_rate, min_samples), candidates, workers)
     rejects = sorted(rejects + unusable, key=lambda r: r.path)

@@ -27,17 +27,6 @@ BASE_CONFIG = REPO / "configs" / "pretraining_config.yaml"
 SUBSET = "test-other"
 
 
-# run_tests.sh runs the suite in 2 processes, a file at a time each, in this order (pytest -n 2 --dist loadfile
-# --no-loadscope-reorder). The two deployment tests mostly wait (process start-ups, Flower's 60 s heartbeat
-# expiry): the first process gets both, one after the other, while the second starts on the federation tests
-# (it gets the 2nd file, the first process the 3rd), so the waiting overlaps CPU-bound tests.
-FIRST_FILES = ("test_readme_deployment.py", "test_federation.py", "test_supernode_killed.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(FIRST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
-
 # A tiny HuBERT (same architecture, small sizes) and a short federated schedule for the federation tests.
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2",
         "model.intermediate_size=64", "model.conv_dim=32", "model.final_dim=16", "model.layerdrop=0.0",
